@@ -15,6 +15,7 @@ use crate::noncoherent::{
     DmaSourceId, EptMemoryType, NonCoherentDma, NonCoherentDmaError, NonCoherentDmaPolicy,
     WbinvdEmulation,
 };
+use crate::sync::StdPrimitives;
 use crate::vmid::{
     KvmVmid, NullTlbi, PinError, TlbiBroadcaster, Vmid, VmidAllocator, VmidBits, VmidError,
     VmidInitError, VmidStats, VmidUpdate, VmidWidthMismatch, check_btm_vmid_width,
@@ -49,6 +50,11 @@ impl KvmConfig {
     pub fn pinning(mut self, on: bool) -> Self {
         self.pinning = on;
         self
+    }
+
+    /// The allocator's init check ([`VmidAllocator::check_config`]) without building one.
+    pub fn check(&self) -> Result<(), VmidInitError> {
+        VmidAllocator::<StdPrimitives>::check_config(self.vmid_bits, self.ncpus)
     }
 }
 

@@ -429,15 +429,8 @@ impl<P: Primitives> VmidAllocator<P> {
         pinning: bool,
         tlbi: Arc<dyn TlbiBroadcaster>,
     ) -> Result<Self, VmidInitError> {
+        Self::check_config(bits, ncpus)?;
         let num = bits.num_vmids();
-        if ncpus == 0 {
-            return Err(VmidInitError::NoCpus);
-        }
-        // smmu_kvm.md §1.4 init step 2: NUM_VMIDS - 1 <= ncpus would leave no free VMID
-        // after a rollover that reserves one per CPU.
-        if num - 1 <= ncpus as u64 {
-            return Err(VmidInitError::TooManyCpus { bits, ncpus });
-        }
         let len = num as usize;
         // smmu_kvm.md §3.2: max_pinned = NUM_VMIDS - ncpus - 2 (one reserved per CPU, plus
         // index 0, plus one left free).
@@ -472,6 +465,19 @@ impl<P: Primitives> VmidAllocator<P> {
             }),
             tlbi,
         })
+    }
+
+    /// The init check alone: whether `ncpus` CPUs can use `bits`-bit VMIDs.
+    pub fn check_config(bits: VmidBits, ncpus: usize) -> Result<(), VmidInitError> {
+        if ncpus == 0 {
+            return Err(VmidInitError::NoCpus);
+        }
+        // smmu_kvm.md §1.4 init step 2: NUM_VMIDS - 1 <= ncpus would leave no free VMID
+        // after a rollover that reserves one per CPU.
+        if bits.num_vmids() - 1 <= ncpus as u64 {
+            return Err(VmidInitError::TooManyCpus { bits, ncpus });
+        }
+        Ok(())
     }
 
     pub fn bits(&self) -> VmidBits {
