@@ -654,6 +654,22 @@ impl<P: Primitives> VmidAllocator<P> {
         Ok((new, rolled_over))
     }
 
+    /// Rolls the generation over now, exactly as `new_vmid` does when the map is full: the
+    /// generation moves on, the map is reseeded from the pinned map and the ids active (or
+    /// still reserved) on each CPU, `TLBI ALLE1IS` is broadcast from `issuer`, and the next
+    /// allocation searches from index 1. KVM never
+    /// does this on demand; the model offers it to scenarios and benchmarks that study a
+    /// rollover's effects without first using up the VMID space.
+    pub fn roll_over(&self, issuer: Option<usize>) {
+        self.state.with(|st| {
+            let first = self.first_version();
+            self.generation.fetch_add(first, Relaxed);
+            self.flush_context(st, issuer);
+            // new_vmid searches from index 1 right after a rollover.
+            st.cur_idx = 1;
+        });
+    }
+
     /// `check_update_reserved_vmid`: rewrites *every* reserved slot holding `id`.
     fn check_update_reserved(&self, st: &mut Locked, id: u64, new: u64) -> bool {
         let mut hit = false;

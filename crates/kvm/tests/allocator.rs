@@ -551,3 +551,37 @@ fn vcpu_misuse_is_a_typed_error() {
     );
     assert!(kvm.vmid_allocator().clear_active(9).is_err());
 }
+
+#[test]
+fn a_forced_rollover_does_what_a_full_map_does() {
+    let (kvm, log) = kvm8(2);
+    let alloc = kvm.vmid_allocator();
+    let a = vm(&kvm);
+    let b = vm(&kvm);
+    let p = b.pin_vmid().unwrap();
+    let mut ca = a.create_vcpu();
+    let ua = ca.load(0).unwrap();
+    for _ in 0..10 {
+        churn_one(&kvm, 1);
+    }
+    alloc.roll_over(Some(1));
+    let s = kvm.stats();
+    assert_eq!((s.rollovers, s.broadcasts, s.generation), (1, 1, 2));
+    assert_eq!(
+        *log.0.lock().unwrap(),
+        vec![(Some(1), BroadcastTlbi::Alle1is)]
+    );
+    let snap = alloc.snapshot();
+    assert_eq!(snap.reserved[0], ua.id);
+    assert_eq!(snap.active, vec![0, 0]);
+    // Pinned 1 and reserved 2 stay; the next VM gets 3, searching from index 1 again.
+    assert_eq!((p.vmid().get(), ua.vmid.get()), (1, 2));
+    assert_eq!(churn_one(&kvm, 1), 3);
+    assert_eq!(
+        snap.allocated_count(),
+        3,
+        "pinned, reserved, and bit 0 from INVALID"
+    );
+    alloc.audit([a.kvm_vmid(), b.kvm_vmid()]).unwrap();
+    p.unpin(|_| Ok::<(), ()>(())).unwrap();
+}
