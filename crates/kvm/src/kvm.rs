@@ -1,9 +1,10 @@
 //! `Kvm`, `Vm`, `Vcpu` and the VMID pin handle.
 //!
-//! Phase 1 of the model: VMs have no stage 2 yet and vCPUs issue no TLB maintenance. The
-//! shapes leave room for both: a [`Vm`] will own its stage-2 tables next to its
-//! [`KvmVmid`], and a loaded [`Vcpu`] knows its physical CPU and programmed VMID, which is
-//! what a TLBI it issues over the DVM must carry.
+//! Not modelled yet: VMs have no stage 2 and vCPUs issue no TLB maintenance. The shapes
+//! leave room for both: a [`Vm`] can own its stage-2 tables next to its [`KvmVmid`], and a
+//! loaded [`Vcpu`] knows its physical CPU and programmed VMID, which is what a TLBI it issues
+//! over the DVM must carry. [`KvmConfig`] and [`VmConfig`] are non-exhaustive so that such
+//! settings can be added without breaking callers.
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,8 +22,9 @@ use crate::vmid::{
     VmidInitError, VmidStats, VmidUpdate, VmidWidthMismatch, check_btm_vmid_width,
 };
 
-/// How to build a [`Kvm`].
+/// How to build a [`Kvm`]: start from [`KvmConfig::new`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KvmConfig {
     /// Physical CPUs (`num_possible_cpus()`).
     pub ncpus: usize,
@@ -58,10 +60,18 @@ impl KvmConfig {
     }
 }
 
-/// Options for a new VM.
+/// Options for a new VM: start from `VmConfig::default()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct VmConfig {
     pub noncoherent_dma: NonCoherentDmaPolicy,
+}
+
+impl VmConfig {
+    pub fn noncoherent_dma(mut self, policy: NonCoherentDmaPolicy) -> Self {
+        self.noncoherent_dma = policy;
+        self
+    }
 }
 
 /// Loading or putting a vCPU failed.

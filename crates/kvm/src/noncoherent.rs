@@ -90,7 +90,7 @@ pub struct EptMemoryType {
 }
 
 impl EptMemoryType {
-    /// EPT entry bits: memory type in bits [5:3] (`VMX_EPT_MT_EPTE_SHIFT` = 3), IPAT bit 6.
+    /// EPT entry bits: memory type in bits \[5:3\] (`VMX_EPT_MT_EPTE_SHIFT` = 3), IPAT bit 6.
     pub const fn bits(self) -> u64 {
         ((self.memtype as u64) << 3) | if self.ipat { 1 << 6 } else { 0 }
     }

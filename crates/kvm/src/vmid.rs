@@ -4,7 +4,7 @@
 //! A VMID lives in two forms:
 //! - the 64-bit *software id* held in each stage-2 MMU's [`KvmVmid`]: the hardware VMID
 //!   ("index") in the low `bits`, the generation above it (smmu_kvm.md §1.2);
-//! - the hardware [`Vmid`] written to VTTBR_EL2[63:48] or an STE's S2VMID: the index alone,
+//! - the hardware [`Vmid`] written to VTTBR_EL2\[63:48\] or an STE's S2VMID: the index alone,
 //!   never 0.
 //!
 //! VMIDs are handed out lazily when a vCPU loads ([`VmidAllocator::update`]), never freed
@@ -52,7 +52,7 @@ impl VmidBits {
         }
     }
 
-    /// The width KVM picks from the sanitised ID_AA64MMFR1_EL1: VMIDBits is bits [7:4];
+    /// The width KVM picks from the sanitised ID_AA64MMFR1_EL1: VMIDBits is bits \[7:4\];
     /// 0b0010 means 16 bits and every other value, reserved ones included, means 8
     /// (smmu_kvm.md §1.1, `kvm_get_vmid_bits()`).
     pub const fn from_id_aa64mmfr1(mmfr1: u64) -> Self {
@@ -258,7 +258,7 @@ pub struct NotPinned;
 /// maintenance (smmu_kvm.md §3.4 item 2; RFC v3 checks the widths match).
 ///
 /// With a 16-bit KVM and an 8-bit SMMU a VMID above 255 cannot be written to STE.S2VMID
-/// (IHI0070 6.3.1: VMID[15:8] must be zero when IDR0.VMID16 = 0). With an 8-bit KVM and a
+/// (IHI0070 6.3.1: VMID\[15:8\] must be zero when IDR0.VMID16 = 0). With an 8-bit KVM and a
 /// 16-bit SMMU, IHI0070 3.17.4 zero-extends the PE's 8-bit VMID and the tags would match;
 /// the refusal there is RFC v3's policy, kept so that no SMMU-private VMID above 255 can
 /// be confused with a KVM one.

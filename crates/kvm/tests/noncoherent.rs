@@ -9,9 +9,7 @@ use twinmmu_kvm::{
 
 fn vm(policy: NonCoherentDmaPolicy) -> std::sync::Arc<twinmmu_kvm::Vm> {
     let kvm = Kvm::new(KvmConfig::new(4)).unwrap();
-    kvm.create_vm(VmConfig {
-        noncoherent_dma: policy,
-    })
+    kvm.create_vm(VmConfig::default().noncoherent_dma(policy))
 }
 
 const GPU: DmaSourceId = DmaSourceId(7);
