@@ -32,11 +32,11 @@ use parking_lot::Mutex;
 /// source mid-run leaves the opposite mix. The guest sees neither state consistently.
 ///
 /// [`OneShot`](Self::OneShot) removes the hazard by fixing the property before its first
-/// consumer runs: it is locked when a vCPU of the VM is first loaded. After that a
-/// registration that would turn a coherent VM non-coherent fails with
-/// [`NonCoherentDmaError::Locked`], and unregistering the last source leaves the VM
-/// non-coherent. A registration that changes nothing (the VM is already locked
-/// non-coherent) is accepted: every consumer already sees the value it would produce.
+/// consumer runs: it is locked when a vCPU of the VM is first loaded. After that every
+/// registration of a new source fails with [`NonCoherentDmaError::Locked`] (the set of
+/// sources is frozen, even when the VM is already non-coherent, so the rule a caller must
+/// follow does not depend on state it may not know), and unregistering the last source
+/// leaves the VM non-coherent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NonCoherentDmaPolicy {
     /// Upstream: the property follows the registered sources at every moment.
@@ -57,7 +57,7 @@ pub enum NonCoherentDmaError {
     AlreadyRegistered(DmaSourceId),
     #[error("non-coherent DMA source {0:?} is not registered")]
     NotRegistered(DmaSourceId),
-    /// One-shot policy: a vCPU has run with the VM coherent; the property is locked.
+    /// One-shot policy: a vCPU has run; the property and the set of sources are locked.
     #[error("the VM's DMA coherency is locked (one-shot policy, a vCPU has run)")]
     Locked,
 }
@@ -134,13 +134,12 @@ impl NonCoherentDma {
         if st.sources.contains(&source) {
             return Err(NonCoherentDmaError::AlreadyRegistered(source));
         }
-        if st.locked == Some(false) {
+        // threads/004: once locked, adding a source is rejected outright.
+        if st.locked.is_some() {
             return Err(NonCoherentDmaError::Locked);
         }
         st.sources.insert(source);
-        if st.locked.is_none() {
-            self.effective.store(true, Ordering::Release);
-        }
+        self.effective.store(true, Ordering::Release);
         Ok(())
     }
 

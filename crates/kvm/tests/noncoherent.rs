@@ -121,8 +121,11 @@ fn one_shot_locked_non_coherent_stays_set_after_unregistering() {
     );
     assert_eq!(vm.wbinvd_emulation(), WbinvdEmulation::FlushDirtyCpus);
     assert!(!vm.memory_type(false).ipat);
-    // A registration that changes nothing (already non-coherent) is accepted.
-    vm.register_noncoherent_dma(NIC).unwrap();
+    // Registering a new source is rejected even though it would change nothing.
+    assert_eq!(
+        vm.register_noncoherent_dma(NIC).unwrap_err(),
+        NonCoherentDmaError::Locked
+    );
     assert_eq!(
         vm.unregister_noncoherent_dma(GPU).unwrap_err(),
         NonCoherentDmaError::NotRegistered(GPU)
