@@ -1,4 +1,11 @@
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::single_range_in_vec_init,
+        clippy::field_reassign_with_default
+    )
+)]
 //! The machine under twinmmu: host physical memory and the Arm SMMUv3 (IHI0070).
 //!
 //! The SMMU is driven like silicon: only through its MMIO register pages and the structures
@@ -12,3 +19,7 @@ pub mod regs;
 
 pub use config::{SmmuConfig, StallModel};
 pub use mem::{MemError, PhysMem, SparseMem};
+pub mod cd;
+pub mod cmd;
+pub mod event;
+pub mod ste;
