@@ -3,8 +3,10 @@
 
 use bitfield_struct::bitfield;
 
-use crate::config::{SmmuConfig, pa_bits};
-use crate::ste::{Granule, StreamWorld};
+use twinmmu_vmsa::{ConfigError, Stage1Config, Stage1Params, TtbParams};
+
+use crate::config::SmmuConfig;
+use crate::ste::StreamWorld;
 
 /// L1CD (IHI0070 5.3): V bit 0, L2Ptr[55:12].
 #[bitfield(u64)]
@@ -116,43 +118,17 @@ impl ContextDescriptor {
     }
 }
 
-/// One VA region (TTB0 or TTB1) of a stage-1 context.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct S1Region {
-    pub granule: Granule,
-    pub tsz: u8,
-    pub ttb: u64,
-    pub tbi: bool,
-    pub had: bool,
-}
-
-impl S1Region {
-    pub fn ia_bits(&self) -> u32 {
-        64 - u32::from(self.tsz)
-    }
-}
-
 /// A decoded, legal CD.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CdConfig {
-    /// None = region disabled (EPDx = 1): a miss there is a Translation fault.
-    pub ttb0: Option<S1Region>,
-    pub ttb1: Option<S1Region>,
-    /// TBI of each region, needed even when the region is disabled (for selection).
-    pub tbi0: bool,
-    pub tbi1: bool,
-    /// Effective output size: min(IPS, OAS).
-    pub ips_bits: u8,
+    /// The validated stage-1 walk configuration (regions, TBI, IPS, AFFD, WXN, PAN, MAIR).
+    pub walk: Stage1Config,
     pub asid: u16,
     pub aset: bool,
-    pub affd: bool,
-    pub wxn: bool,
-    pub uwxn: bool,
-    pub pan: bool,
     pub stall: bool,
     pub record: bool,
+    /// Terminate by abort (CD.A, or TERM_MODEL = 1); otherwise RAZ/WI.
     pub abort: bool,
-    pub mair: u64,
 }
 
 /// Why a CD is ILLEGAL (C_BAD_CD).
@@ -162,52 +138,16 @@ pub enum BadCd {
     NotValid,
     #[error("CD.AA64 = 0 (VMSAv8-32 not implemented)")]
     Aarch32,
-    #[error("T{0}SZ out of range")]
-    Tsz(u8),
-    #[error("TG{0} reserved or unsupported")]
-    Granule(u8),
-    #[error("TTB{0} beyond the IPS")]
-    TtbRange(u8),
+    #[error("stage 1: {0}")]
+    Walk(ConfigError),
     #[error("ENDI set on a little-endian-only SMMU")]
     Endian,
-    #[error("HA/HD set without HTTU")]
-    Httu,
     #[error("A = 0 with TERM_MODEL = 1")]
     TermModel,
     #[error("S = 1 without stall support")]
     Stall,
     #[error("ASID wider than 8 bits without ASID16")]
     AsidRange,
-}
-
-fn region(
-    c: &SmmuConfig,
-    idx: u8,
-    tsz: u8,
-    tg: Granule,
-    ttb: CdTtb,
-    tbi: bool,
-    ips_bits: u8,
-) -> Result<S1Region, BadCd> {
-    if !tg.supported(c) {
-        return Err(BadCd::Granule(idx));
-    }
-    // IHI0070 5.4 T0SZ: at most 39 without STT; at least 16 (12 only with 52-bit VAs, which
-    // this model does not advertise).
-    if !(16..=39).contains(&tsz) {
-        return Err(BadCd::Tsz(idx));
-    }
-    let addr = ttb.ttb() << 4;
-    if addr >> ips_bits != 0 {
-        return Err(BadCd::TtbRange(idx));
-    }
-    Ok(S1Region {
-        granule: tg,
-        tsz,
-        ttb: addr,
-        tbi,
-        had: false,
-    })
 }
 
 /// IHI0070 5.4 / 5.4.2: validate a CD for a stream of `world`.
@@ -232,9 +172,6 @@ pub fn decode_cd(
     if d.endi() && !(epd0 && epd1) {
         return Err(BadCd::Endian);
     }
-    if d.ha() || d.hd() {
-        return Err(BadCd::Httu);
-    }
     if c.term_model && !d.a() {
         return Err(BadCd::TermModel);
     }
@@ -244,57 +181,54 @@ pub fn decode_cd(
     if !c.asid16 && d.asid() > 0xff && world != StreamWorld::El2 {
         return Err(BadCd::AsidRange);
     }
-    let ips_bits = pa_bits(d.ips()).min(c.oas_bits);
-    let ttb0 = if epd0 {
-        None
-    } else {
-        let tg = match d.tg0() {
-            0 => Granule::K4,
-            1 => Granule::K64,
-            2 => Granule::K16,
-            _ => return Err(BadCd::Granule(0)),
-        };
-        Some(region(c, 0, d.t0sz(), tg, cd.ttb0, d.tbi0(), ips_bits)?)
+    // Granules, TxSZ ranges, TTBx inside the effective IPS, HA/HD without HTTU: vmsa
+    // validates the walk configuration once (IHI0070 5.4.2).
+    let ttb = |t: CdTtb, tsz: u8, tg: u8, epd: bool, tbi: bool| TtbParams {
+        ttb: t.ttb() << 4,
+        tsz,
+        tg,
+        epd,
+        tbi,
+        had: t.had(),
     };
-    let ttb1 = if epd1 {
-        None
-    } else {
-        // TG1 has a different encoding: 1 = 16K, 2 = 4K, 3 = 64K (IHI0070 5.4 TG1).
-        let tg = match d.tg1() {
-            1 => Granule::K16,
-            2 => Granule::K4,
-            3 => Granule::K64,
-            _ => return Err(BadCd::Granule(1)),
-        };
-        Some(region(c, 1, d.t1sz(), tg, cd.ttb1, d.tbi1(), ips_bits)?)
-    };
+    let walk = Stage1Config::new(
+        &Stage1Params {
+            ttb: [
+                ttb(cd.ttb0, d.t0sz(), d.tg0(), epd0, d.tbi0()),
+                ttb(cd.ttb1, d.t1sz(), d.tg1(), epd1, d.tbi1()),
+            ],
+            // IPS encodings above 0b110 are reserved; the OAS caps the effective size.
+            ips: d.ips().min(6),
+            affd: d.affd(),
+            ha: d.ha(),
+            hd: d.hd(),
+            wxn: d.wxn(),
+            uwxn: d.uwxn(),
+            pan: d.pan(),
+            mair: cd.mair,
+        },
+        &c.features(),
+    )
+    .map_err(BadCd::Walk)?;
     let asid = if world == StreamWorld::El2 {
         0
     } else {
         d.asid()
     };
     Ok(CdConfig {
-        ttb0,
-        ttb1,
-        tbi0: d.tbi0(),
-        tbi1: d.tbi1(),
-        ips_bits,
+        walk,
         asid,
         aset: d.aset(),
-        affd: d.affd(),
-        wxn: d.wxn(),
-        uwxn: d.uwxn(),
-        pan: d.pan(),
         stall: d.s() && c.can_stall(),
         record: d.r(),
         abort: d.a() || c.term_model,
-        mair: cd.mair,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twinmmu_vmsa::Ttb;
 
     #[test]
     fn l1cd_fields_by_bit_position() {
@@ -374,14 +308,14 @@ mod tests {
     fn decodes_a_legal_cd() {
         let c = SmmuConfig::default();
         let d = decode_cd(&good_cd(), StreamWorld::NsEl1, &c).unwrap();
-        let r = d.ttb0.unwrap();
+        let r = d.walk.region(Ttb::Ttb0).unwrap();
         assert_eq!(r.ttb, 0x4010_0000);
-        assert_eq!(r.granule, Granule::K4);
-        assert_eq!(r.ia_bits(), 48);
-        assert!(d.ttb1.is_none());
+        assert_eq!(r.geometry.granule(), twinmmu_vmsa::Granule::Size4K);
+        assert_eq!(r.geometry.ia_bits(), 48);
+        assert!(d.walk.region(Ttb::Ttb1).is_none());
         assert_eq!(d.asid, 0x1234);
         assert!(d.record && d.abort && !d.stall);
-        assert_eq!(d.ips_bits, 48);
+        assert_eq!(d.walk.oa_bits(Ttb::Ttb0), 48);
     }
 
     #[test]
@@ -396,22 +330,36 @@ mod tests {
         assert_eq!(decode_cd(&cd, w, &c), Err(BadCd::Aarch32));
         let mut cd = good_cd();
         cd.dw0 = cd.dw0.with_t0sz(40);
-        assert_eq!(decode_cd(&cd, w, &c), Err(BadCd::Tsz(0)));
+        assert!(matches!(
+            decode_cd(&cd, w, &c),
+            Err(BadCd::Walk(ConfigError::TszOutOfRange { .. }))
+        ));
         let mut cd = good_cd();
         cd.dw0 = cd.dw0.with_tg0(3);
-        assert_eq!(decode_cd(&cd, w, &c), Err(BadCd::Granule(0)));
+        assert!(matches!(
+            decode_cd(&cd, w, &c),
+            Err(BadCd::Walk(ConfigError::ReservedGranule { .. }))
+        ));
         let mut cd = good_cd();
         cd.dw0 = cd.dw0.with_epd1(false).with_tg1(0).with_t1sz(16);
-        assert_eq!(decode_cd(&cd, w, &c), Err(BadCd::Granule(1)));
+        assert!(matches!(
+            decode_cd(&cd, w, &c),
+            Err(BadCd::Walk(ConfigError::ReservedGranule { .. }))
+        ));
         let mut cd = good_cd();
         cd.ttb0 = CdTtb::new().with_ttb(1 << 45);
-        assert_eq!(decode_cd(&cd, w, &c), Err(BadCd::TtbRange(0)));
+        assert!(matches!(
+            decode_cd(&cd, w, &c),
+            Err(BadCd::Walk(ConfigError::TtbOutOfRange { .. }))
+        ));
         let mut cd = good_cd();
         cd.dw0 = cd.dw0.with_ips(2);
         cd.ttb0 = CdTtb::new().with_ttb((1 << 41) >> 4);
-        assert_eq!(
-            decode_cd(&cd, w, &c),
-            Err(BadCd::TtbRange(0)),
+        assert!(
+            matches!(
+                decode_cd(&cd, w, &c),
+                Err(BadCd::Walk(ConfigError::TtbOutOfRange { bits: 40, .. }))
+            ),
             "IPS 40 bits"
         );
         let mut cd = good_cd();
@@ -419,7 +367,10 @@ mod tests {
         assert_eq!(decode_cd(&cd, w, &c), Err(BadCd::Endian));
         let mut cd = good_cd();
         cd.dw0 = cd.dw0.with_ha(true);
-        assert_eq!(decode_cd(&cd, w, &c), Err(BadCd::Httu));
+        assert_eq!(
+            decode_cd(&cd, w, &c),
+            Err(BadCd::Walk(ConfigError::HttuUnsupported))
+        );
         let tm = SmmuConfig {
             term_model: true,
             ..SmmuConfig::default()

@@ -265,6 +265,27 @@ impl SmmuConfig {
         self.stall_model != StallModel::TerminateOnly
     }
 
+    /// The translation features the walker needs (vmsa's view of IDR0/3/5). IAS = OAS for
+    /// an AArch64-only SMMU (IHI0070 3.4).
+    pub fn features(&self) -> twinmmu_vmsa::Features {
+        let oas = twinmmu_vmsa::PaSize::from_encoding(oas_encoding(self.oas_bits).unwrap_or(5))
+            .unwrap_or(twinmmu_vmsa::PaSize::Bits48);
+        twinmmu_vmsa::Features {
+            oas,
+            ias: oas,
+            gran4k: self.gran4k,
+            gran16k: self.gran16k,
+            gran64k: self.gran64k,
+            vax52: false,
+            stt: false,
+            had: false,
+            xnx: false,
+            httu_ha: false,
+            httu_hd: false,
+            s2_sl0_l3_4k: false,
+        }
+    }
+
     pub fn asid_bits(&self) -> u32 {
         if self.asid16 { 16 } else { 8 }
     }

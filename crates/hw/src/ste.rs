@@ -4,7 +4,9 @@
 
 use bitfield_struct::bitfield;
 
-use crate::config::{SmmuConfig, StallModel, pa_bits};
+use twinmmu_vmsa::{ConfigError, Stage2Config, Stage2Params};
+
+use crate::config::{SmmuConfig, StallModel};
 
 /// L1STD (IHI0070 5.1): Span[4:0], L2Ptr[55:6].
 #[bitfield(u64)]
@@ -166,55 +168,6 @@ impl Ste {
     }
 }
 
-/// The translation granule of a stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Granule {
-    K4,
-    K16,
-    K64,
-}
-
-impl Granule {
-    /// log2 of the granule size.
-    pub fn shift(self) -> u32 {
-        match self {
-            Granule::K4 => 12,
-            Granule::K16 => 14,
-            Granule::K64 => 16,
-        }
-    }
-
-    pub fn supported(self, c: &SmmuConfig) -> bool {
-        match self {
-            Granule::K4 => c.gran4k,
-            Granule::K16 => c.gran16k,
-            Granule::K64 => c.gran64k,
-        }
-    }
-
-    /// The start level of a stage-2 walk from SL0 (smmu_kvm.md §4.12), if the encoding is
-    /// not reserved.
-    pub fn s2_start_level(self, sl0: u8) -> Option<u8> {
-        match (self, sl0) {
-            (Granule::K4, 0) => Some(2),
-            (Granule::K4, 1) => Some(1),
-            (Granule::K4, 2) => Some(0),
-            (Granule::K4, _) => None,
-            (_, 0) => Some(3),
-            (_, 1) => Some(2),
-            (_, 2) => Some(1),
-            // 16K SL0=3 (level 0) needs 52-bit IPAs; 64K has no level 0.
-            (_, _) => None,
-        }
-    }
-
-    /// Input-address shift resolved by one descriptor at `level`.
-    pub fn level_shift(self, level: u8) -> u32 {
-        let g = self.shift();
-        g + (3 - u32::from(level)) * (g - 3)
-    }
-}
-
 /// The translation regime a stream's stage-1 entries belong to (IHI0070 3.17).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamWorld {
@@ -249,16 +202,11 @@ impl AttrOverride {
 }
 
 /// The stage-2 part of a decoded STE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct S2Config {
     pub vmid: u16,
-    pub granule: Granule,
-    pub t0sz: u8,
-    pub start_level: u8,
-    /// Effective output size in bits: min(S2PS, OAS).
-    pub ps_bits: u8,
-    pub ttb: u64,
-    pub affd: bool,
+    /// The validated walk configuration (geometry, S2TTB, effective S2PS, S2AFFD).
+    pub walk: Stage2Config,
     pub ptw: bool,
     pub stall: bool,
     pub record: bool,
@@ -267,7 +215,7 @@ pub struct S2Config {
 impl S2Config {
     /// Input (IPA) size in bits.
     pub fn ia_bits(&self) -> u32 {
-        64 - u32::from(self.t0sz)
+        u32::from(self.walk.geometry().ia_bits())
     }
 }
 
@@ -297,7 +245,7 @@ pub struct S1Ctx {
 }
 
 /// What a valid STE says about a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamConfig {
     /// Config = 0b000 (and the reserved 0b001–0b011): abort with no event.
     Abort,
@@ -336,24 +284,16 @@ pub enum BadSte {
     BadStrw,
     #[error("S1STALLD with a forced stall model")]
     BadStalld,
-    #[error("bad or unsupported S2TG")]
-    BadS2Granule,
     #[error("S2AA64 = 0 (VMSAv8-32 not implemented)")]
     S2Aarch32,
     #[error("S2ENDI set on a little-endian-only SMMU")]
     S2Endian,
-    #[error("S2T0SZ out of range")]
-    S2T0sz,
-    #[error("S2SL0 and S2T0SZ give an illegal start level")]
-    S2StartLevel,
-    #[error("S2TTB beyond S2PS")]
-    S2TtbRange,
+    #[error("stage 2: {0}")]
+    S2Walk(ConfigError),
     #[error("S2VMID wider than 8 bits without VMID16")]
     VmidRange,
     #[error("S2S set without stall support")]
     S2Stall,
-    #[error("S2HA/S2HD set without HTTU")]
-    S2Httu,
     #[error("reserved EATS")]
     BadEats,
 }
@@ -384,70 +324,42 @@ pub fn decode_ste(ste: &Ste, c: &SmmuConfig) -> Result<StreamConfig, BadSte> {
     if c.ats && d1.eats() == 3 {
         return Err(BadSte::BadEats);
     }
-    let oas = c.oas_bits;
     // S2VMID is used (as the TLB tag) whenever stage 2 is implemented, even if bypassed.
     let vmid = if c.s2p { d2.s2vmid() } else { 0 };
     if c.s2p && !c.vmid16 && vmid > 0xff {
         return Err(BadSte::VmidRange);
     }
     let s2 = if s2_en {
-        let granule = match d2.s2tg() {
-            0 => Granule::K4,
-            1 => Granule::K64,
-            2 => Granule::K16,
-            _ => return Err(BadSte::BadS2Granule),
-        };
-        if !granule.supported(c) {
-            return Err(BadSte::BadS2Granule);
-        }
         if !d2.s2aa64() {
             return Err(BadSte::S2Aarch32);
         }
         if d2.s2endi() {
             return Err(BadSte::S2Endian);
         }
-        // IHI0070 5.2 STES2T0SZInvalid: without STT the maximum is 39; the minimum is
-        // max(16, 64 - IAS) for 4K/16K and max(12, 64 - IAS) for 64K. IAS = OAS for an
-        // AArch64-only SMMU.
-        let t0sz = d2.s2t0sz();
-        let ias = u32::from(oas);
-        let min = match granule {
-            Granule::K64 => 12u32.max(64 - ias),
-            _ => 16u32.max(64 - ias),
-        };
-        if u32::from(t0sz) < min || t0sz > 39 {
-            return Err(BadSte::S2T0sz);
-        }
-        let start_level = granule
-            .s2_start_level(d2.s2sl0())
-            .ok_or(BadSte::S2StartLevel)?;
-        // Bits resolved at the start level: at least 1, at most stride + 4 (16 concatenated
-        // tables), smmu_kvm.md §4.12.
-        let ia_bits = 64 - u32::from(t0sz);
-        let shift = granule.level_shift(start_level);
-        let stride = granule.shift() - 3;
-        if ia_bits <= shift || ia_bits - shift > stride + 4 {
-            return Err(BadSte::S2StartLevel);
-        }
-        let ps_bits = pa_bits(d2.s2ps()).min(oas);
-        let ttb = ste.dw3.s2ttb() << 4;
-        if ttb >> ps_bits != 0 {
-            return Err(BadSte::S2TtbRange);
-        }
+        // Granule, S2T0SZ range, S2SL0 consistency (at most 16 concatenated tables), S2TTB
+        // inside the effective S2PS and S2HA/S2HD without HTTU: vmsa validates the walk
+        // configuration once (IHI0070 5.2.2).
+        let walk = Stage2Config::new(
+            &Stage2Params {
+                s2ttb: ste.dw3.s2ttb() << 4,
+                s2t0sz: d2.s2t0sz(),
+                s2sl0: d2.s2sl0(),
+                s2tg: d2.s2tg(),
+                // S2PS encodings above 0b110 are reserved; treat as the largest (OAS caps).
+                s2ps: d2.s2ps().min(6),
+                s2affd: d2.s2affd(),
+                s2ha: d2.s2ha(),
+                s2hd: d2.s2hd(),
+            },
+            &c.features(),
+        )
+        .map_err(BadSte::S2Walk)?;
         if d2.s2s() && !c.can_stall() {
             return Err(BadSte::S2Stall);
         }
-        if d2.s2ha() || d2.s2hd() {
-            return Err(BadSte::S2Httu);
-        }
         Some(S2Config {
             vmid,
-            granule,
-            t0sz,
-            start_level,
-            ps_bits,
-            ttb,
-            affd: d2.s2affd(),
+            walk,
             ptw: d2.s2ptw(),
             stall: d2.s2s() && c.can_stall(),
             record: d2.s2r(),
@@ -466,7 +378,7 @@ pub fn decode_ste(ste: &Ste, c: &SmmuConfig) -> Result<StreamConfig, BadSte> {
         }
         let context_ptr = d0.s1_context_ptr() << 6;
         // SMMUv3.1+: a stage-1-only S1ContextPtr beyond the OAS is C_BAD_STE (IHI0070 3.4.3).
-        if !s2_en && context_ptr >> oas != 0 {
+        if !s2_en && context_ptr >> c.oas_bits != 0 {
             return Err(BadSte::ContextPtrRange);
         }
         let dss = if cdmax == 0 {
@@ -615,21 +527,37 @@ mod tests {
                 s1: None,
                 ..
             } => {
-                assert_eq!(s2.start_level, 1);
+                assert_eq!(s2.walk.geometry().start_level(), 1);
+                assert_eq!(s2.walk.geometry().concatenated(), 2);
                 assert_eq!(s2.ia_bits(), 40);
                 assert_eq!(vmid, 5);
-                assert_eq!(s2.ttb, 0x8000_0000);
+                assert_eq!(s2.walk.ttb(), 0x8000_0000);
             }
             other => panic!("{other:?}"),
         }
         // 4K, 48-bit IPA, SL0=0 (level 2) would need 2^18 concatenated tables.
-        assert_eq!(decode_ste(&s2_ste(0, 0, 16), &c), Err(BadSte::S2StartLevel));
+        assert!(matches!(
+            decode_ste(&s2_ste(0, 0, 16), &c),
+            Err(BadSte::S2Walk(ConfigError::S2InconsistentSl0 { .. }))
+        ));
         // 4K SL0=3 is reserved.
-        assert_eq!(decode_ste(&s2_ste(0, 3, 25), &c), Err(BadSte::S2StartLevel));
+        assert!(matches!(
+            decode_ste(&s2_ste(0, 3, 25), &c),
+            Err(BadSte::S2Walk(ConfigError::S2InvalidSl0 { .. }))
+        ));
         // S2TG = 3 is reserved.
-        assert_eq!(decode_ste(&s2_ste(3, 0, 25), &c), Err(BadSte::BadS2Granule));
+        assert_eq!(
+            decode_ste(&s2_ste(3, 0, 25), &c),
+            Err(BadSte::S2Walk(ConfigError::S2ReservedGranule(3)))
+        );
         // T0SZ above 39.
-        assert_eq!(decode_ste(&s2_ste(0, 0, 40), &c), Err(BadSte::S2T0sz));
+        assert!(matches!(
+            decode_ste(&s2_ste(0, 0, 40), &c),
+            Err(BadSte::S2Walk(ConfigError::S2TszOutOfRange { .. }))
+        ));
+        let mut s = s2_ste(0, 1, 24);
+        s.dw2 = s.dw2.with_s2aa64(false);
+        assert_eq!(decode_ste(&s, &c), Err(BadSte::S2Aarch32));
         // No stage 2 implemented.
         let c1 = SmmuConfig {
             s2p: false,
