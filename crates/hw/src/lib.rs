@@ -23,3 +23,4 @@ pub mod cd;
 pub mod cmd;
 pub mod event;
 pub mod ste;
+pub mod tlb;
