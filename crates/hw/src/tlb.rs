@@ -282,11 +282,11 @@ impl Tlb {
     /// Inserts (or replaces) an entry, evicting one entry if the TLB is full.
     pub fn insert(&mut self, e: TlbEntry) {
         let key = (e.ctx, page_key(e.in_base, e.shift));
-        if let Some(&i) = self.map.get(&key) {
-            if let Some(Some(slot)) = self.slots.get_mut(i as usize) {
-                slot.entry = e;
-                return;
-            }
+        if let Some(&i) = self.map.get(&key)
+            && let Some(Some(slot)) = self.slots.get_mut(i as usize)
+        {
+            slot.entry = e;
+            return;
         }
         if self.map.len() >= self.capacity {
             self.evict_one();
