@@ -176,7 +176,7 @@ impl CmdqEntry {
 }
 
 /// The range part of an address-based TLBI when IDR3.RIL and TG ≠ 0 (IHI0070 4.4.1.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TlbiRange {
     /// Granule shift of TG: 12, 14 or 16.
     pub tg_shift: u8,

@@ -24,3 +24,17 @@ pub mod cmd;
 pub mod event;
 pub mod ste;
 pub mod tlb;
+pub mod cmdq;
+pub mod dvm;
+pub mod port;
+pub mod smmu;
+pub mod xlate;
+
+pub use cmd::{CmdqEntry, Command};
+pub use cmdq::CmdError;
+pub use dvm::{Tlbi, TlbiOp};
+pub use event::{Event, EventType, FaultClass};
+pub use port::DmaPort;
+pub use smmu::{AtcResponse, AtsEndpoint, MmioError, Smmu, SmmuStats};
+pub use twinmmu_vmsa::AccessKind;
+pub use xlate::{DmaError, Outcome, StallResult, Termination, Transaction};

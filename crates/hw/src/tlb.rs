@@ -94,7 +94,8 @@ impl Ctx {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EntryPerms {
     pub s1: Option<(S1Perms, S1Controls, u8)>,
-    pub s2: Option<(S2Perms, u8)>,
+    /// Stage-2 permissions, level, and whether stage 2 maps Device memory (S2PTW).
+    pub s2: Option<(S2Perms, u8, bool)>,
 }
 
 /// One cached translation.
