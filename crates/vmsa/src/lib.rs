@@ -6,8 +6,11 @@
 //! - [`walk_stage1`] (with a [`TableHook`] that sees every descriptor address, for nesting)
 //!   and [`walk_stage2`] return a [`Translation`] or a typed [`Fault`];
 //! - [`check_s1`] / [`check_s2`] check permissions separately from the walk;
+//! - [`TableBuilder`] maps and unmaps ranges for both stages and all granules, reporting
+//!   [`Changes`] for invalidation;
 //! - [`SparseMemory`] is a simple memory for tests.
 
+pub mod builder;
 pub mod config;
 pub mod descriptor;
 pub mod geometry;
@@ -15,6 +18,9 @@ pub mod memory;
 pub mod perms;
 pub mod walk;
 
+pub use builder::{
+    AllocError, BuildError, BumpAllocator, Changes, PageAllocator, TableBuilder, TableFormat,
+};
 pub use config::{
     ConfigError, Features, S1Region, Stage1Config, Stage1Params, Stage2Config, Stage2Params, Ttb,
     TtbParams, s2_start_level,

@@ -23,6 +23,17 @@ pub trait Memory {
 pub trait MemoryMut: Memory {
     /// Writes the naturally aligned 64-bit little-endian word at `pa`.
     fn write_u64(&self, pa: u64, value: u64) -> Result<(), MemError>;
+
+    /// Zeroes `[pa, pa + len)` (both 8-byte aligned); used for new tables. Override it with
+    /// a bulk fill where the memory has one.
+    fn zero(&self, pa: u64, len: u64) -> Result<(), MemError> {
+        let mut a = pa;
+        while a < pa.saturating_add(len) {
+            self.write_u64(a, 0)?;
+            a += 8;
+        }
+        Ok(())
+    }
 }
 
 impl<T: Memory + ?Sized> Memory for &T {
@@ -36,6 +47,10 @@ impl<T: MemoryMut + ?Sized> MemoryMut for &T {
     #[inline(always)]
     fn write_u64(&self, pa: u64, value: u64) -> Result<(), MemError> {
         (**self).write_u64(pa, value)
+    }
+    #[inline(always)]
+    fn zero(&self, pa: u64, len: u64) -> Result<(), MemError> {
+        (**self).zero(pa, len)
     }
 }
 
@@ -132,6 +147,27 @@ impl MemoryMut for SparseMemory {
             .entry(pa >> PAGE_SHIFT)
             .or_insert_with(|| Box::new([0; WORDS]));
         page[((pa >> 3) as usize) & (WORDS - 1)] = value;
+        Ok(())
+    }
+
+    fn zero(&self, pa: u64, len: u64) -> Result<(), MemError> {
+        if pa & 7 != 0 || len & 7 != 0 {
+            return Err(MemError { addr: pa });
+        }
+        let end = pa.saturating_add(len);
+        let mut pages = self.pages.borrow_mut();
+        let mut a = pa;
+        while a < end {
+            let page = pages
+                .entry(a >> PAGE_SHIFT)
+                .or_insert_with(|| Box::new([0; WORDS]));
+            let first = ((a >> 3) as usize) & (WORDS - 1);
+            let page_end = ((a >> PAGE_SHIFT) + 1) << PAGE_SHIFT;
+            let stop = end.min(page_end);
+            let n = ((stop - a) >> 3) as usize;
+            page[first..first + n].fill(0);
+            a = stop;
+        }
         Ok(())
     }
 }
