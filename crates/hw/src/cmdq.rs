@@ -11,7 +11,7 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::cmd::{Command, CmdqEntry, SyncSignal, TlbiAddr, decode};
+use crate::cmd::{CmdqEntry, Command, SyncSignal, TlbiAddr, decode};
 use crate::regs::{Cr0, Gerror, QueueBase, QueueIndex};
 use crate::smmu::{QPtr, Regs, Smmu, inc};
 use crate::tlb::{AsidMatch, InvScope, Kind, World};

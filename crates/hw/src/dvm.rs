@@ -5,8 +5,6 @@
 //! and the range form of FEAT_TLBIRANGE. A PE TLB model consumes the same type; the SMMU
 //! maps it to its own invalidation scope when IDR0.BTM = 1 and CR2.PTM = 0.
 
-use std::sync::atomic::Ordering;
-
 use crate::cmd::{TlbiAddr, TlbiRange};
 use crate::smmu::{Smmu, inc};
 use crate::tlb::{AsidMatch, InvScope, Kind, World};
@@ -72,9 +70,28 @@ impl TlbiOp {
     pub const ALL: [TlbiOp; 22] = {
         use TlbiOp::*;
         [
-            Vmalle1is, Aside1is, Vae1is, Vale1is, Vaae1is, Vaale1is, Ipas2e1is, Ipas2le1is,
-            Vmalls12e1is, Alle1is, Alle2is, Vae2is, Vale2is, Aside2is, Rvae1is, Rvale1is,
-            Rvaae1is, Rvaale1is, Ripas2e1is, Ripas2le1is, Rvae2is, Rvale2is,
+            Vmalle1is,
+            Aside1is,
+            Vae1is,
+            Vale1is,
+            Vaae1is,
+            Vaale1is,
+            Ipas2e1is,
+            Ipas2le1is,
+            Vmalls12e1is,
+            Alle1is,
+            Alle2is,
+            Vae2is,
+            Vale2is,
+            Aside2is,
+            Rvae1is,
+            Rvale1is,
+            Rvaae1is,
+            Rvaale1is,
+            Ripas2e1is,
+            Ripas2le1is,
+            Rvae2is,
+            Rvale2is,
         ]
     };
 
@@ -88,7 +105,14 @@ impl TlbiOp {
         use TlbiOp::*;
         matches!(
             self,
-            Rvae1is | Rvale1is | Rvaae1is | Rvaale1is | Ripas2e1is | Ripas2le1is | Rvae2is | Rvale2is
+            Rvae1is
+                | Rvale1is
+                | Rvaae1is
+                | Rvaale1is
+                | Ripas2e1is
+                | Ripas2le1is
+                | Rvae2is
+                | Rvale2is
         )
     }
 
@@ -97,7 +121,14 @@ impl TlbiOp {
         use TlbiOp::*;
         matches!(
             self,
-            Vale1is | Vaale1is | Ipas2le1is | Vale2is | Rvale1is | Rvaale1is | Ripas2le1is | Rvale2is
+            Vale1is
+                | Vaale1is
+                | Ipas2le1is
+                | Vale2is
+                | Rvale1is
+                | Rvaale1is
+                | Ripas2le1is
+                | Rvale2is
         )
     }
 }
@@ -235,10 +266,9 @@ impl Smmu {
                 ..base
             },
         };
+        // Complete when this returns: `invalidate` publishes the new epoch (Release) that
+        // every later translation loads (Acquire).
         self.invalidate(scope);
-        // The broadcast is complete when this returns: later translations load the new
-        // epoch (Acquire) published by `invalidate` (Release).
-        let _ = self.epoch.load(Ordering::Acquire);
         true
     }
 }

@@ -21,13 +21,13 @@ pub use config::{SmmuConfig, StallModel};
 pub use mem::{MemError, PhysMem, SparseMem};
 pub mod cd;
 pub mod cmd;
-pub mod event;
-pub mod ste;
-pub mod tlb;
 pub mod cmdq;
 pub mod dvm;
+pub mod event;
 pub mod port;
 pub mod smmu;
+pub mod ste;
+pub mod tlb;
 pub mod xlate;
 
 pub use cmd::{CmdqEntry, Command};

@@ -170,6 +170,15 @@ impl SparseMem {
         })
     }
 
+    /// Memory valid over the one range `[base, base + len)`.
+    pub fn with_range(base: u64, len: u64) -> Result<Self, MemMapError> {
+        let end = base.checked_add(len).ok_or(MemMapError::BadRange {
+            start: base,
+            end: u64::MAX,
+        })?;
+        Self::new(&[base..end])
+    }
+
     /// The declared valid ranges, sorted.
     pub fn ranges(&self) -> &[Range<u64>] {
         &self.ranges

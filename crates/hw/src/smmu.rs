@@ -306,7 +306,10 @@ impl QPtr {
 
 impl Smmu {
     /// A new SMMU in its reset state, reaching `mem`.
-    pub fn new(cfg: SmmuConfig, mem: Arc<dyn PhysMem>) -> Result<Arc<Self>, crate::config::ConfigError> {
+    pub fn new(
+        cfg: SmmuConfig,
+        mem: Arc<dyn PhysMem>,
+    ) -> Result<Arc<Self>, crate::config::ConfigError> {
         cfg.validate()?;
         // GBPA resets with SHCFG = 0b01 (use incoming) and ABORT = 0 (QEMU: 0x1000).
         let gbpa = Gbpa::new().with_shcfg(1);
@@ -378,7 +381,11 @@ impl Smmu {
         }
         if let Some(r64) = reg64_of(offset) {
             let v = self.read64(r64);
-            return Ok(if offset == r64 { v & 0xffff_ffff } else { v >> 32 });
+            return Ok(if offset == r64 {
+                v & 0xffff_ffff
+            } else {
+                v >> 32
+            });
         }
         Ok(u64::from(self.read32(offset)))
     }
@@ -468,8 +475,10 @@ impl Smmu {
     }
 
     fn write64(&self, offset: u64, v: u64) {
-        let irq_cfg0 = IrqCfg0::from_bits(v).with_addr(IrqCfg0::from_bits(v).addr());
-        let cfg0 = irq_cfg0.into_bits() & ((1u64 << 52) - 4);
+        // IRQ_CFG0: ADDR[51:2]; other bits RES0.
+        let cfg0 = IrqCfg0::new()
+            .with_addr(IrqCfg0::from_bits(v).addr())
+            .into_bits();
         match canonical(offset) {
             off::GERROR_IRQ_CFG0 => self.irq.lock().cfg0[0] = cfg0,
             off::EVENTQ_IRQ_CFG0 => self.irq.lock().cfg0[1] = cfg0,
@@ -650,9 +659,8 @@ impl Smmu {
     /// Activates a global error: GERROR bit N is toggled so it differs from GERRORN
     /// (IHI0070 7.5); a no-op if that error is already active.
     pub(crate) fn raise_gerror(&self, bit: u32) {
-        let active = (self.gerror.load(Ordering::Acquire) ^ self.gerrorn.load(Ordering::Acquire))
-            & bit
-            != 0;
+        let active =
+            (self.gerror.load(Ordering::Acquire) ^ self.gerrorn.load(Ordering::Acquire)) & bit != 0;
         if active {
             return;
         }
@@ -686,7 +694,8 @@ impl Smmu {
             // An aborted GERROR MSI does not signal again (no loop).
             if src == IrqSource::Gerror {
                 self.gerror.fetch_xor(
-                    bit & !(self.gerror.load(Ordering::Acquire) ^ self.gerrorn.load(Ordering::Acquire)),
+                    bit & !(self.gerror.load(Ordering::Acquire)
+                        ^ self.gerrorn.load(Ordering::Acquire)),
                     Ordering::AcqRel,
                 );
             } else {
@@ -901,7 +910,7 @@ fn check_access(offset: u64, size: u8) -> Result<(), MmioError> {
     if size != 4 && size != 8 {
         return Err(MmioError::Size { size });
     }
-    if offset % u64::from(size) != 0 {
+    if !offset.is_multiple_of(u64::from(size)) {
         return Err(MmioError::Align { offset });
     }
     if offset >= MMIO_SIZE {

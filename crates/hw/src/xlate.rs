@@ -68,7 +68,9 @@ pub enum Termination {
 /// The result of presenting one transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    Translated { pa: u64 },
+    Translated {
+        pa: u64,
+    },
     /// Terminated because of a fault or configuration error `event` (recorded in the event
     /// queue or not).
     Fault {
@@ -79,7 +81,10 @@ pub enum Outcome {
     /// Terminated with no event: GBPA.ABORT, or STE.Config = abort.
     Abort,
     /// Stalled with a recorded event carrying `stag`.
-    Stalled { stag: u16, event: EventType },
+    Stalled {
+        stag: u16,
+        event: EventType,
+    },
 }
 
 /// Why a DMA did not complete.
@@ -208,7 +213,12 @@ pub(crate) fn access_bit(kind: AccessKind, privileged: bool) -> u8 {
 
 /// The access after the STE's PRIVCFG/INSTCFG overrides (IHI0070 13.1). Writes are never
 /// instruction accesses.
-fn effective(kind: AccessKind, privileged: bool, privcfg: AttrOverride, instcfg: AttrOverride) -> Access {
+fn effective(
+    kind: AccessKind,
+    privileged: bool,
+    privcfg: AttrOverride,
+    instcfg: AttrOverride,
+) -> Access {
     let p = privcfg.apply(privileged);
     let k = match kind {
         AccessKind::Write => AccessKind::Write,
@@ -436,17 +446,15 @@ impl Smmu {
             ipa: x.ipa,
             fetch_addr: x.fetch_addr,
         };
-        let stall = x.may_stall
-            && match self.cfg.stall_model {
-                StallModel::TerminateOnly => false,
-                _ => true,
-            };
+        let stall = x.may_stall && !matches!(self.cfg.stall_model, StallModel::TerminateOnly);
         if stall && self.eventq_writable() {
             let mut st = self.stalls.lock();
             // STALL_MAX transactions at most (IDR5); beyond that, terminate.
             if st.pending.len() < usize::from(self.cfg.idr5().stall_max()) {
                 let mut stag = st.next;
-                while st.pending.contains_key(&(txn.sid, stag)) || st.done.contains_key(&(txn.sid, stag)) {
+                while st.pending.contains_key(&(txn.sid, stag))
+                    || st.done.contains_key(&(txn.sid, stag))
+                {
                     stag = stag.wrapping_add(1);
                 }
                 st.next = stag.wrapping_add(1);
@@ -499,7 +507,14 @@ impl Smmu {
         let result = if retry {
             self.run_op(&s)
         } else {
-            terminated(&s, if abort { Termination::Abort } else { Termination::RazWi })
+            terminated(
+                &s,
+                if abort {
+                    Termination::Abort
+                } else {
+                    Termination::RazWi
+                },
+            )
         };
         self.stalls.lock().done.insert((sid, stag), result);
     }
@@ -519,9 +534,11 @@ impl Smmu {
                     termination,
                 }),
                 Outcome::Abort => StallResult::Failed(DmaError::Abort),
-                Outcome::Stalled { stag, event } => {
-                    StallResult::Failed(DmaError::Stalled { stag, event, done: 0 })
-                }
+                Outcome::Stalled { stag, event } => StallResult::Failed(DmaError::Stalled {
+                    stag,
+                    event,
+                    done: 0,
+                }),
             },
             PendingOp::Read { len } => {
                 let mut buf = vec![0u8; *len];
@@ -691,7 +708,9 @@ impl Smmu {
                     }),
                 })
             }
-            (Some(sel), s2) => self.s1_translate(txn, &sel, s2.as_ref(), vmid, access, privcfg, instcfg),
+            (Some(sel), s2) => {
+                self.s1_translate(txn, &sel, s2.as_ref(), vmid, access, privcfg, instcfg)
+            }
         }
     }
 
@@ -817,7 +836,13 @@ impl Smmu {
     }
 
     /// Stage 2 of `ipa` (TLB, then walk), with the permission check for `access`.
-    fn s2_translate(&self, s2: &S2Config, ipa: u64, access: Access, class: FaultClass) -> Result<S2Hit, Fail> {
+    fn s2_translate(
+        &self,
+        s2: &S2Config,
+        ipa: u64,
+        access: Access,
+        class: FaultClass,
+    ) -> Result<S2Hit, Fail> {
         let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
         let cached = self.tlb.read().lookup(ctx, ipa);
         let h = match cached {
@@ -843,7 +868,14 @@ impl Smmu {
                 let w = walk_stage2(&s2.walk, &WalkMem(&*self.mem), ipa);
                 let last = match &w {
                     Ok(t) => Some(t.level),
-                    Err(f) if f.level >= start && !(f.level == 0 && f.kind == FaultKind::Translation && ipa >> s2.ia_bits() != 0) => Some(f.level),
+                    Err(f)
+                        if f.level >= start
+                            && !(f.level == 0
+                                && f.kind == FaultKind::Translation
+                                && ipa >> s2.ia_bits() != 0) =>
+                    {
+                        Some(f.level)
+                    }
                     Err(_) => None,
                 };
                 if let Some(last) = last {
@@ -905,8 +937,13 @@ impl Smmu {
     fn cd_read(&self, s2: Option<&S2Config>, addr: u64) -> Result<u64, Fail> {
         let pa = match s2 {
             Some(s2) => {
-                self.s2_translate(s2, addr, Access::new(AccessKind::Read, true), FaultClass::Cd)?
-                    .pa
+                self.s2_translate(
+                    s2,
+                    addr,
+                    Access::new(AccessKind::Read, true),
+                    FaultClass::Cd,
+                )?
+                .pa
             }
             None => addr,
         };
@@ -957,8 +994,13 @@ impl Smmu {
         // The CD is 64 bytes, naturally aligned: one stage-2 translation covers it.
         let pa = match s2 {
             Some(s2) => {
-                self.s2_translate(s2, cd_addr, Access::new(AccessKind::Read, true), FaultClass::Cd)?
-                    .pa
+                self.s2_translate(
+                    s2,
+                    cd_addr,
+                    Access::new(AccessKind::Read, true),
+                    FaultClass::Cd,
+                )?
+                .pa
             }
             None => cd_addr,
         };
@@ -1048,8 +1090,7 @@ impl Smmu {
             }
             None => {
                 inc(&self.counters.tlb_misses);
-                let e = self.s1_walk(va, sel, s2, ctx)?;
-                e
+                self.s1_walk(va, sel, s2, ctx)?
             }
         };
         // Permissions: stage 1 first, then stage 2 (IHI0070 3.3.3); a stage-2 permission
@@ -1086,7 +1127,13 @@ impl Smmu {
 
     /// Walks stage 1 (and stage 2 for every table address and the output, when nested),
     /// inserts the resulting entry and returns it. Permission checks are the caller's.
-    fn s1_walk(&self, va: u64, sel: &S1Sel, s2: Option<&S2Config>, ctx: Ctx) -> Result<TlbEntry, Fail> {
+    fn s1_walk(
+        &self,
+        va: u64,
+        sel: &S1Sel,
+        s2: Option<&S2Config>,
+        ctx: Ctx,
+    ) -> Result<TlbEntry, Fail> {
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
         inc(&self.counters.walks_s1);
         let start = match select_ttb(&sel.cd.walk, va) {
@@ -1095,16 +1142,24 @@ impl Smmu {
         };
         let mem = WalkMem(&*self.mem);
         let w = match s2 {
-            None => walk_stage1(&sel.cd.walk, &mem, &mut twinmmu_vmsa::Direct, va)
-                .map_err(|e| match e {
-                    WalkError::Fault(f) => Ok(f),
-                    WalkError::TableFetch { error, .. } => match error {},
-                }),
+            None => {
+                walk_stage1(&sel.cd.walk, &mem, &mut twinmmu_vmsa::Direct, va).map_err(
+                    |e| match e {
+                        WalkError::Fault(f) => Ok(f),
+                        WalkError::TableFetch { error, .. } => match error {},
+                    },
+                )
+            }
             Some(s2c) => {
                 let mut hook = |ipa: u64, _level: u8| -> Result<u64, Fail> {
                     // Each stage-1 table address is an IPA translated by stage 2: CLASS = TT
                     // (IHI0070 3.3.3, 7.3.13).
-                    let h = self.s2_translate(s2c, ipa, Access::new(AccessKind::Read, true), FaultClass::Tt)?;
+                    let h = self.s2_translate(
+                        s2c,
+                        ipa,
+                        Access::new(AccessKind::Read, true),
+                        FaultClass::Tt,
+                    )?;
                     // STE.S2PTW: a walk access to Device memory is a stage-2 Permission
                     // fault (IHI0070 5.2 S2PTW).
                     if s2c.ptw && h.device {
@@ -1160,10 +1215,7 @@ impl Smmu {
                 // entry by the caller, so ask for a read the table walk would need anyway
                 // and check the real access later; a read-denied page still caches.
                 let ipa = t.output;
-                let h = match self.s2_translate_nocheck(s2c, ipa) {
-                    Ok(h) => h,
-                    Err(f) => return Err(f),
-                };
+                let h = self.s2_translate_nocheck(s2c, ipa)?;
                 // Combined size = min(S1, S2) (smmu_kvm.md §4.10).
                 let shift = t.block_shift.min(h.shift);
                 let mask = !((1u64 << shift) - 1);
@@ -1211,7 +1263,9 @@ impl Smmu {
         let w = walk_stage2(&s2.walk, &WalkMem(&*self.mem), ipa);
         if let Some(last) = match &w {
             Ok(t) => Some(t.level),
-            Err(f) if !(f.kind == FaultKind::Translation && ipa >> s2.ia_bits() != 0) => Some(f.level),
+            Err(f) if !(f.kind == FaultKind::Translation && ipa >> s2.ia_bits() != 0) => {
+                Some(f.level)
+            }
             Err(_) => None,
         } {
             for l in start..=last.min(3) {
