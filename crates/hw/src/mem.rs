@@ -176,7 +176,7 @@ impl SparseMem {
             start: base,
             end: u64::MAX,
         })?;
-        Self::new(&[base..end])
+        Self::new(std::slice::from_ref(&(base..end)))
     }
 
     /// The declared valid ranges, sorted.
