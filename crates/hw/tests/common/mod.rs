@@ -110,8 +110,11 @@ impl Machine {
 
     /// Whether the command queue is drained without error.
     pub fn cmdq_idle(&self) -> bool {
+        // CONS.ERR keeps the last error code; an error is active while GERROR.CMDQ_ERR
+        // differs from GERRORN.CMDQ_ERR.
         let cons = self.r32(off::CMDQ_CONS);
-        cons & 0x7f00_0000 == 0 && cons & 0x1ff == self.r32(off::CMDQ_PROD) & 0x1ff
+        let active = (self.r32(off::GERROR) ^ self.r32(off::GERRORN)) & 1 != 0;
+        !active && cons & 0x1ff == self.r32(off::CMDQ_PROD) & 0x1ff
     }
 
     /// Installs an STE for `sid` (allocating the L2 table of its span for 2-level tables).
