@@ -35,6 +35,8 @@ pub use cmdq::CmdError;
 pub use dvm::{Tlbi, TlbiOp};
 pub use event::{Event, EventType, FaultClass};
 pub use port::DmaPort;
+pub use rustvmm::{GuestPhysMem, SmmuIommu};
 pub use smmu::{AtcResponse, AtsEndpoint, MmioError, Smmu, SmmuStats};
 pub use twinmmu_vmsa::AccessKind;
 pub use xlate::{DmaError, Outcome, StallResult, Termination, Transaction};
+pub mod rustvmm;
