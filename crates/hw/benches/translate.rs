@@ -105,9 +105,11 @@ fn peer() -> (smmu::SMMU, Vec<smmu::types::IOVA>) {
     };
     let s = smmu::SMMU::new();
     let sid = StreamID::new(SID).unwrap();
-    let mut cfg = StreamConfig::default();
-    cfg.translation_enabled = true;
-    cfg.stage1_enabled = true;
+    let cfg = StreamConfig {
+        translation_enabled: true,
+        stage1_enabled: true,
+        ..StreamConfig::default()
+    };
     s.configure_stream(sid, cfg).unwrap();
     s.create_pasid(sid, PASID::new(0).unwrap()).unwrap();
     let mut iovas = Vec::new();
