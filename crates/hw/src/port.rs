@@ -114,7 +114,7 @@ impl DmaPort {
         i: usize,
         op: impl FnOnce() -> PendingOp,
     ) -> Outcome {
-        match self.smmu.resolve(&txn) {
+        match self.smmu.resolve(&txn, true) {
             Ok(r) => {
                 if let Some(f) = r.fill {
                     self.entries[i] = UEntry {

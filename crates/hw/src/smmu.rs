@@ -101,36 +101,75 @@ pub(crate) struct Tcu {
     pub cfg_gen: u64,
 }
 
-/// Event counters; `Relaxed` atomics (statistics only, never used for synchronisation).
+/// A statistics counter sharded per thread: each of the first 16 threads that count owns a
+/// cache line and bumps it with a plain load and store (no read-modify-write, no line
+/// bouncing between translating threads); later threads share lines with `fetch_add`.
+/// `Relaxed`: statistics only, never used for synchronisation.
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub translations: AtomicU64,
-    pub tlb_hits: AtomicU64,
-    pub tlb_misses: AtomicU64,
-    pub cfg_hits: AtomicU64,
-    pub cfg_misses: AtomicU64,
-    pub walks_s1: AtomicU64,
-    pub walks_s2: AtomicU64,
-    /// `[stage 1 levels 0..4, stage 2 levels 0..4]`.
-    pub desc_reads: [AtomicU64; 8],
-    pub ste_fetches: AtomicU64,
-    pub cd_fetches: AtomicU64,
-    pub commands: AtomicU64,
-    pub command_errors: AtomicU64,
-    pub syncs: AtomicU64,
-    pub broadcasts: AtomicU64,
-    pub faults: AtomicU64,
-    pub aborts: AtomicU64,
-    pub stalls: AtomicU64,
-    pub events: AtomicU64,
-    pub events_lost: AtomicU64,
-    pub pri_requests: AtomicU64,
-    /// Interrupts signalled: `[GERROR, EVENTQ, PRIQ, CMD_SYNC MSI, SEV]`.
-    pub irqs: [AtomicU64; 5],
+pub(crate) struct Counter {
+    shards: [crossbeam_utils::CachePadded<AtomicU64>; SHARDS],
 }
 
-pub(crate) fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+const SHARDS: usize = 16;
+
+fn shard() -> (usize, bool) {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static SHARD: (usize, bool) = {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed) as usize;
+            (n % SHARDS, n < SHARDS)
+        };
+    }
+    SHARD.with(|s| *s)
+}
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        let (i, owned) = shard();
+        let a = &self.shards[i];
+        if owned {
+            a.store(a.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        } else {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    pub fn get(&self) -> u64 {
+        self.shards.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Event counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub translations: Counter,
+    pub tlb_hits: Counter,
+    pub tlb_misses: Counter,
+    pub cfg_hits: Counter,
+    pub cfg_misses: Counter,
+    pub walks_s1: Counter,
+    pub walks_s2: Counter,
+    /// `[stage 1 levels 0..4, stage 2 levels 0..4]`.
+    pub desc_reads: [Counter; 8],
+    pub ste_fetches: Counter,
+    pub cd_fetches: Counter,
+    pub commands: Counter,
+    pub command_errors: Counter,
+    pub syncs: Counter,
+    pub broadcasts: Counter,
+    pub faults: Counter,
+    pub aborts: Counter,
+    pub stalls: Counter,
+    pub events: Counter,
+    pub events_lost: Counter,
+    pub pri_requests: Counter,
+    /// Interrupts signalled: `[GERROR, EVENTQ, PRIQ, CMD_SYNC MSI, SEV]`.
+    pub irqs: [Counter; 5],
+}
+
+#[inline]
+pub(crate) fn inc(c: &Counter) {
+    c.inc();
 }
 
 /// A snapshot of the SMMU's statistics.
@@ -829,7 +868,7 @@ impl Smmu {
 
     pub fn stats(&self) -> SmmuStats {
         let c = &self.counters;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let g = |a: &Counter| a.get();
         let (tlb_entries, tc) = {
             let t = self.tlb.read();
             (t.len() as u64, t.counters())

@@ -134,11 +134,53 @@ struct Slot {
     referenced: AtomicBool,
 }
 
-#[derive(Default)]
-struct CtxInfo {
-    /// (in_base, shift) → slot.
-    by_addr: BTreeMap<(u64, u8), u32>,
+/// The entries of one context: a hash map for lookups (key: input page at a size), a
+/// VA-ordered map for ranges, and the block sizes present.
+struct CtxTlb {
+    map: HashMap<u64, u32, FxBuildHasher>,
+    /// (in_base | shift) → slot; in_base is at least 4 KiB aligned, so the low 6 bits are
+    /// free for the size.
+    by_addr: BTreeMap<u64, u32>,
+    size_count: [u32; 64],
+    sizes: u64,
     max_shift: u8,
+}
+
+impl Default for CtxTlb {
+    fn default() -> Self {
+        CtxTlb {
+            map: HashMap::default(),
+            by_addr: BTreeMap::new(),
+            size_count: [0; 64],
+            sizes: 0,
+            max_shift: 0,
+        }
+    }
+}
+
+impl CtxTlb {
+    #[inline]
+    fn probe(&self, addr: u64) -> Option<u32> {
+        let mut sizes = self.sizes;
+        while sizes != 0 {
+            let shift = sizes.trailing_zeros() as u8;
+            sizes &= sizes - 1;
+            if let Some(&i) = self.map.get(&page_key(addr, shift)) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn remove(&mut self, e: &TlbEntry) {
+        self.map.remove(&page_key(e.in_base, e.shift));
+        self.by_addr.remove(&(e.in_base | u64::from(e.shift)));
+        let s = usize::from(e.shift & 63);
+        self.size_count[s] -= 1;
+        if self.size_count[s] == 0 {
+            self.sizes &= !(1 << s);
+        }
+    }
 }
 
 /// Which ASIDs an invalidation matches.
@@ -202,16 +244,15 @@ pub struct TlbCounters {
 /// The main TLB. Not internally synchronised: the SMMU holds it under a `RwLock` (lookups
 /// share the read lock; the referenced bit is an atomic so a hit needs no write access).
 pub struct Tlb {
-    map: HashMap<(Ctx, u64), u32, FxBuildHasher>,
+    ctxs: HashMap<Ctx, CtxTlb, FxBuildHasher>,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
     hand: usize,
+    len: usize,
     capacity: usize,
-    ctxs: HashMap<Ctx, CtxInfo, FxBuildHasher>,
     by_vmid: HashMap<u32, HashSet<Ctx, FxBuildHasher>, FxBuildHasher>,
-    /// Number of entries of each size shift (bit i of `sizes` set iff count[i] > 0).
-    size_count: [u32; 64],
-    sizes: u64,
+    /// Entries in global (ASID-less) S1/nested contexts: lookups skip the global probe
+    /// when there are none.
     globals: u32,
     counters: TlbCounters,
 }
@@ -224,25 +265,23 @@ impl Tlb {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         Tlb {
-            map: HashMap::with_capacity_and_hasher(capacity, FxBuildHasher),
-            slots: Vec::with_capacity(capacity),
+            ctxs: HashMap::default(),
+            slots: Vec::with_capacity(capacity.min(1 << 20)),
             free: Vec::new(),
             hand: 0,
+            len: 0,
             capacity,
-            ctxs: HashMap::default(),
             by_vmid: HashMap::default(),
-            size_count: [0; 64],
-            sizes: 0,
             globals: 0,
             counters: TlbCounters::default(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len == 0
     }
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -252,21 +291,20 @@ impl Tlb {
     }
 
     /// The entry of `ctx` (or, for ASID-tagged contexts, its global twin) covering `addr`.
-    /// Probes one hash slot per block size present.
+    /// One probe for the context, then one per block size present in it.
     #[inline]
     pub fn lookup(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
-        let try_global = self.globals > 0 && ctx.asid().is_some();
-        let mut sizes = self.sizes;
-        while sizes != 0 {
-            let shift = sizes.trailing_zeros() as u8;
-            sizes &= sizes - 1;
-            let key = page_key(addr, shift);
-            if let Some(&i) = self.map.get(&(ctx, key)) {
-                return self.hit(i);
-            }
-            if try_global && let Some(&i) = self.map.get(&(ctx.global(), key)) {
-                return self.hit(i);
-            }
+        if let Some(c) = self.ctxs.get(&ctx)
+            && let Some(i) = c.probe(addr)
+        {
+            return self.hit(i);
+        }
+        if self.globals > 0
+            && ctx.asid().is_some()
+            && let Some(c) = self.ctxs.get(&ctx.global())
+            && let Some(i) = c.probe(addr)
+        {
+            return self.hit(i);
         }
         None
     }
@@ -282,14 +320,15 @@ impl Tlb {
 
     /// Inserts (or replaces) an entry, evicting one entry if the TLB is full.
     pub fn insert(&mut self, e: TlbEntry) {
-        let key = (e.ctx, page_key(e.in_base, e.shift));
-        if let Some(&i) = self.map.get(&key)
+        let key = page_key(e.in_base, e.shift);
+        if let Some(c) = self.ctxs.get(&e.ctx)
+            && let Some(&i) = c.map.get(&key)
             && let Some(Some(slot)) = self.slots.get_mut(i as usize)
         {
             slot.entry = e;
             return;
         }
-        if self.map.len() >= self.capacity {
+        if self.len >= self.capacity {
             self.evict_one();
         }
         let slot = Slot {
@@ -306,23 +345,44 @@ impl Tlb {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.map.insert(key, i);
-        let info = self.ctxs.entry(e.ctx).or_default();
-        info.by_addr.insert((e.in_base, e.shift), i);
-        info.max_shift = info.max_shift.max(e.shift);
-        if info.by_addr.len() == 1 {
+        let mut created = false;
+        let c = self.ctxs.entry(e.ctx).or_insert_with(|| {
+            created = true;
+            CtxTlb::default()
+        });
+        c.map.insert(key, i);
+        c.by_addr.insert(e.in_base | u64::from(e.shift), i);
+        let s = usize::from(e.shift & 63);
+        c.size_count[s] += 1;
+        c.sizes |= 1 << s;
+        c.max_shift = c.max_shift.max(e.shift);
+        if created {
             self.by_vmid
                 .entry(e.ctx.vmid_key())
                 .or_default()
                 .insert(e.ctx);
+            self.collect_empty_contexts();
         }
-        let s = usize::from(e.shift & 63);
-        self.size_count[s] += 1;
-        self.sizes |= 1 << s;
         if e.ctx.asid().is_none() {
             self.globals += 1;
         }
+        self.len += 1;
         self.counters.inserts += 1;
+    }
+
+    /// Empty contexts are kept (so a context that empties and refills does not churn its
+    /// indexes); they are dropped when an invalidation visits them, or here when they
+    /// outnumber the capacity.
+    fn collect_empty_contexts(&mut self) {
+        if self.ctxs.len() <= self.capacity + 1024 {
+            return;
+        }
+        self.ctxs.retain(|_, c| !c.map.is_empty());
+        let ctxs = &self.ctxs;
+        self.by_vmid.retain(|_, set| {
+            set.retain(|c| ctxs.contains_key(c));
+            !set.is_empty()
+        });
     }
 
     /// CLOCK: sweep from the hand, giving referenced entries a second chance.
@@ -348,29 +408,41 @@ impl Tlb {
     fn remove_slot(&mut self, i: u32) -> Option<TlbEntry> {
         let slot = self.slots.get_mut(i as usize)?.take()?;
         let e = slot.entry;
-        self.map.remove(&(e.ctx, page_key(e.in_base, e.shift)));
-        if let Some(info) = self.ctxs.get_mut(&e.ctx) {
-            info.by_addr.remove(&(e.in_base, e.shift));
-            if info.by_addr.is_empty() {
-                self.ctxs.remove(&e.ctx);
-                if let Some(set) = self.by_vmid.get_mut(&e.ctx.vmid_key()) {
-                    set.remove(&e.ctx);
-                    if set.is_empty() {
-                        self.by_vmid.remove(&e.ctx.vmid_key());
-                    }
-                }
-            }
-        }
-        let s = usize::from(e.shift & 63);
-        self.size_count[s] -= 1;
-        if self.size_count[s] == 0 {
-            self.sizes &= !(1 << s);
+        if let Some(c) = self.ctxs.get_mut(&e.ctx) {
+            c.remove(&e);
         }
         if e.ctx.asid().is_none() {
             self.globals -= 1;
         }
+        self.len -= 1;
         self.free.push(i);
         Some(e)
+    }
+
+    /// Drops a whole context: its slots are freed without touching its maps one entry at a
+    /// time.
+    fn drop_context(&mut self, c: Ctx) -> usize {
+        let Some(t) = self.ctxs.remove(&c) else {
+            return 0;
+        };
+        if let Some(set) = self.by_vmid.get_mut(&c.vmid_key()) {
+            set.remove(&c);
+            if set.is_empty() {
+                self.by_vmid.remove(&c.vmid_key());
+            }
+        }
+        let n = t.map.len();
+        for &i in t.map.values() {
+            if let Some(s) = self.slots.get_mut(i as usize) {
+                *s = None;
+                self.free.push(i);
+            }
+        }
+        if c.asid().is_none() {
+            self.globals -= n as u32;
+        }
+        self.len -= n;
+        n
     }
 
     /// Removes every entry in `scope`; returns how many. Cost: the contexts visited (found
@@ -401,28 +473,32 @@ impl Tlb {
         };
         let mut removed = 0usize;
         for c in ctxs {
-            let victims: Vec<u32> = match (self.ctxs.get(&c), scope.range) {
-                (None, _) => continue,
-                (Some(info), None) => info.by_addr.values().copied().collect(),
-                (Some(info), Some((start, end))) => {
+            match scope.range {
+                None => removed += self.drop_context(c),
+                Some((start, end)) => {
+                    let Some(t) = self.ctxs.get(&c) else {
+                        continue;
+                    };
                     // Entries overlapping [start, end): their base is above
                     // start - max_size and below end.
-                    let lo = start.saturating_sub((1u64 << info.max_shift) - 1);
-                    info.by_addr
-                        .range((lo, 0)..(end, 0))
-                        .filter(|(_, i)| {
-                            self.slots
-                                .get(**i as usize)
-                                .and_then(|s| s.as_ref())
-                                .is_some_and(|s| s.entry.end() > start)
+                    let lo = start.saturating_sub((1u64 << t.max_shift) - 1) & !0xfff;
+                    let victims: Vec<u32> = t
+                        .by_addr
+                        .range(lo..end.saturating_add(64))
+                        .filter(|(k, _)| {
+                            let base = *k & !0x3f;
+                            base < end && base.saturating_add(1u64 << (*k & 0x3f)) > start
                         })
                         .map(|(_, i)| *i)
-                        .collect()
-                }
-            };
-            for i in victims {
-                if self.remove_slot(i).is_some() {
-                    removed += 1;
+                        .collect();
+                    for i in victims {
+                        if self.remove_slot(i).is_some() {
+                            removed += 1;
+                        }
+                    }
+                    if self.ctxs.get(&c).is_some_and(|t| t.map.is_empty()) {
+                        self.drop_context(c);
+                    }
                 }
             }
         }
@@ -432,15 +508,13 @@ impl Tlb {
 
     /// Removes everything.
     pub fn clear(&mut self) -> usize {
-        let n = self.map.len();
-        self.map.clear();
+        let n = self.len;
+        self.ctxs.clear();
         self.slots.clear();
         self.free.clear();
         self.hand = 0;
-        self.ctxs.clear();
+        self.len = 0;
         self.by_vmid.clear();
-        self.size_count = [0; 64];
-        self.sizes = 0;
         self.globals = 0;
         self.counters.invalidations += 1;
         self.counters.removed += n as u64;
@@ -582,6 +656,33 @@ mod tests {
     }
 
     #[test]
+    fn single_address_invalidation_matches_the_covering_entry() {
+        let mut t = Tlb::new(16);
+        t.insert(entry(ctx(1, Some(1)), 0x1000, 12));
+        t.insert(entry(ctx(1, Some(1)), 0x20_0000, 21));
+        let s = |a: u64| InvScope {
+            worlds: 1,
+            kinds: InvScope::ALL_KINDS,
+            vmid: Some(1),
+            asid: AsidMatch::Any,
+            skip_aset: false,
+            range: Some((a, a + 1)),
+        };
+        assert_eq!(t.invalidate(&s(0x2000)), 0);
+        assert_eq!(
+            t.invalidate(&s(0x1000)),
+            1,
+            "the address at the entry's base"
+        );
+        assert_eq!(
+            t.invalidate(&s(0x3f_ffff)),
+            1,
+            "the last byte of a 2 MiB block"
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
     fn aset_entries_skip_asid_scoped_broadcasts() {
         let mut t = Tlb::new(100);
         let c = Ctx::new(World::NsEl1, Kind::S1, 1, Some(7), true);
@@ -612,7 +713,7 @@ mod tests {
             vmid in proptest::option::of(0u16..3),
             asid in 0u16..3,
             mode in 0u8..3,
-            range in proptest::option::of((0u64..64, 1u64..16)),
+            range in proptest::option::of((0u64..(64 << 13), 1u64..(16 << 13))),
         ) {
             let mut a = Tlb::new(64);
             let mut b = Tlb::new(64);
@@ -627,7 +728,7 @@ mod tests {
                 vmid,
                 asid: match mode { 0 => AsidMatch::Any, 1 => AsidMatch::NonGlobal(asid), _ => AsidMatch::AsidOrGlobal(asid) },
                 skip_aset: false,
-                range: range.map(|(s, l)| (s << 13, (s + l) << 13)),
+                range: range.map(|(s, l)| (s, s + l)),
             };
             let na = a.invalidate(&scope);
             let nb = b.invalidate_by_scan(&scope);

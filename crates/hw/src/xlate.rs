@@ -294,7 +294,7 @@ impl Smmu {
     /// Presents one transaction and translates it without moving data (the `dma` command of
     /// `twinmmu qtest`, and ATS-style translation).
     pub fn translate(&self, txn: Transaction) -> Outcome {
-        match self.resolve(&txn) {
+        match self.resolve(&txn, false) {
             Ok(r) => Outcome::Translated { pa: r.pa },
             Err(f) => self.fail(&txn, f, PendingOp::Translate),
         }
@@ -327,7 +327,7 @@ impl Smmu {
             // Split at 4 KiB, the smallest page a translation can have.
             let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
             let txn = Transaction::new(sid, ssid, a, kind, privileged);
-            match self.resolve(&txn) {
+            match self.resolve(&txn, false) {
                 Ok(r) => self
                     .mem
                     .read(r.pa, &mut buf[done..done + chunk])
@@ -377,7 +377,7 @@ impl Smmu {
             let a = iova.wrapping_add(done as u64);
             let chunk = ((0x1000 - (a & 0xfff)) as usize).min(data.len() - done);
             let txn = Transaction::new(sid, ssid, a, AccessKind::Write, privileged);
-            match self.resolve(&txn) {
+            match self.resolve(&txn, false) {
                 Ok(r) => self
                     .mem
                     .write(r.pa, &data[done..done + chunk])
@@ -578,11 +578,22 @@ impl Smmu {
     // ------------------------------------------------------------------ the flow
 
     /// The translation flow; `Err` carries the fault before the recording rules.
-    pub(crate) fn resolve(&self, txn: &Transaction) -> Result<Resolved, Fail> {
+    pub(crate) fn resolve(&self, txn: &Transaction, want_fill: bool) -> Result<Resolved, Fail> {
         inc(&self.counters.translations);
-        let (live, ste) = {
+        // One read of the configuration cache: the live registers, the STE and, when the
+        // stream selects a CD, that CD.
+        let (live, ste, cd0) = {
             let t = self.tcu.read();
-            (t.live, t.ste.get(&txn.sid).copied())
+            let ste = t.ste.get(&txn.sid).copied();
+            let cd0 = match &ste {
+                Some(StreamConfig::Translate { s1: Some(s1), .. }) => match self.select_cd(txn, s1)
+                {
+                    Ok(Some(idx)) => t.cd.get(&(txn.sid, idx)).copied().map(|c| (idx, c)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            (t.live, ste, cd0)
         };
         if !live.cr0.smmuen() {
             // IHI0070 6.3.14: GBPA decides; no event.
@@ -649,7 +660,13 @@ impl Smmu {
             Some(s1) => match self.select_cd(txn, &s1)? {
                 None => None,
                 Some(idx) => {
-                    let cd = self.cd_config(txn, &live, &s1, s2.as_ref(), idx)?;
+                    let cd = match cd0 {
+                        Some((i, cd)) if i == idx => {
+                            inc(&self.counters.cfg_hits);
+                            cd
+                        }
+                        _ => self.cd_config(txn, &live, &s1, s2.as_ref(), idx)?,
+                    };
                     let world = match s1.world {
                         StreamWorld::NsEl1 => World::NsEl1,
                         StreamWorld::El2 | StreamWorld::El2E2h => {
@@ -700,7 +717,7 @@ impl Smmu {
                 };
                 Ok(Resolved {
                     pa: h.pa,
-                    fill: Some(Fill {
+                    fill: want_fill.then(|| Fill {
                         in_base: h.in_base,
                         shift: h.shift,
                         out_base: h.out_base,
@@ -708,9 +725,15 @@ impl Smmu {
                     }),
                 })
             }
-            (Some(sel), s2) => {
-                self.s1_translate(txn, &sel, s2.as_ref(), vmid, access, privcfg, instcfg)
-            }
+            (Some(sel), s2) => self.s1_translate(
+                txn,
+                &sel,
+                s2.as_ref(),
+                vmid,
+                access,
+                (privcfg, instcfg),
+                want_fill,
+            ),
         }
     }
 
@@ -1070,8 +1093,8 @@ impl Smmu {
         s2: Option<&S2Config>,
         vmid: u16,
         access: Access,
-        privcfg: AttrOverride,
-        instcfg: AttrOverride,
+        (privcfg, instcfg): (AttrOverride, AttrOverride),
+        want_fill: bool,
     ) -> Result<Resolved, Fail> {
         let va = txn.addr;
         let kind = if s2.is_some() { Kind::Nested } else { Kind::S1 };
@@ -1116,7 +1139,7 @@ impl Smmu {
         }
         Ok(Resolved {
             pa: entry.output(va),
-            fill: Some(Fill {
+            fill: want_fill.then(|| Fill {
                 in_base: entry.in_base,
                 shift: entry.shift,
                 out_base: entry.out_base,
