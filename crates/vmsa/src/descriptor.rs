@@ -393,6 +393,10 @@ mod tests {
         assert_eq!(S2_AP_WRITE, 1 << 7);
         assert_eq!(S2_XN_MASK, (1 << 53) | (1 << 54));
         assert_eq!(OA_MASK_48, ((1u64 << 48) - 1) & !0xFFF);
+        assert_eq!(NT, 1 << 16);
+        assert_eq!(S1_GP, 1 << 50);
+        assert_eq!(PBHA_MASK, 0xF << 59);
+        assert_eq!(OA_HI_64K_MASK, 0xF << 12);
     }
 
     #[test]
