@@ -400,3 +400,84 @@ fn range_invalidation_removes_only_the_range() {
     left.sort();
     assert_eq!(left, vec![0, 1, 2, 3, 12, 13, 14, 15]);
 }
+
+#[test]
+fn pri_queue_records_page_requests_with_overflow() {
+    let cfg = SmmuConfig {
+        ats: true,
+        pri: true,
+        ..SmmuConfig::default()
+    };
+    let m = Machine::new(cfg);
+    let priq = DATA + 0x10_0000;
+    m.w32(off::CR0, 0b1101);
+    m.w64(off::PRIQ_BASE, priq | 1);
+    m.w32(off::IRQ_CTRL, 0b010);
+    m.w32(off::CR0, 0b1111);
+    assert_eq!(m.r32(off::CR0ACK), 0b1111);
+    assert!(
+        m.smmu
+            .page_request(7, Some(3), 0x1234_5000, 5, true, true, false, false, false)
+    );
+    assert!(
+        m.smmu
+            .page_request(7, None, 0x9000, 6, false, false, true, false, true)
+    );
+    assert!(
+        !m.smmu
+            .page_request(7, None, 0xa000, 7, true, true, false, false, false),
+        "full"
+    );
+    let prod = m.r32(PAGE1 + off::PRIQ_PROD);
+    assert_eq!(prod & 3, 0b10, "two entries, wrapped");
+    assert_ne!(prod & (1 << 31), 0, "OVFLG");
+    assert_eq!(m.smmu.stats().irq_priq, 1);
+    let w0 = m.mem.read_u64(priq).unwrap();
+    let w1 = m.mem.read_u64(priq + 8).unwrap();
+    assert_eq!(w0 & 0xffff_ffff, 7, "StreamID");
+    assert_eq!((w0 >> 32) & 0xf_ffff, 3, "SSID");
+    assert_ne!(w0 & (1 << 63), 0, "SSV");
+    assert_ne!(w0 & (1 << 60), 0, "read");
+    assert_ne!(w0 & (1 << 62), 0, "last");
+    assert_eq!(w1, 0x1234_5000 | 5, "address and PRG index");
+    // PRI_RESP is accepted.
+    m.submit(&[build::pri_resp(7, 5, 2), build::sync()]);
+    assert!(m.cmdq_idle());
+}
+
+#[test]
+fn el2_streams_and_el2_invalidation() {
+    let mut m = Machine::new(SmmuConfig::default());
+    let mem = m.mem.clone();
+    let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
+    b.map(0x1000, DATA, 0x1000, urw()).unwrap();
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, b.root(), 0));
+    let mut ste = s1_ste(CDS, 0, 0);
+    ste.dw1 = twinmmu_hw::ste::SteDw1::new().with_strw(2);
+    m.set_ste(9, &ste);
+    let t = Transaction::new(9, None, 0x1000, AccessKind::Read, true);
+    assert_eq!(m.smmu.translate(t), Outcome::Translated { pa: DATA });
+    assert_eq!(
+        m.smmu.tlb_entries()[0].ctx.world(),
+        twinmmu_hw::tlb::World::El2
+    );
+    // NH_ALL does not touch EL2 entries; EL2_ALL does.
+    m.submit(&[build::tlbi_nh_all(0), build::tlbi_nsnh_all(), build::sync()]);
+    assert_eq!(m.smmu.tlb_entries().len(), 1);
+    m.submit(&[build::tlbi_el2_all(), build::sync()]);
+    assert!(m.smmu.tlb_entries().is_empty());
+    // STRW = EL2 without IDR0.HYP is ILLEGAL.
+    let nohyp = Machine::new(SmmuConfig {
+        hyp: false,
+        ..SmmuConfig::default()
+    });
+    nohyp.write_cd(CDS, &s1_cd(Granule::Size4K, 48, DATA, 0));
+    nohyp.set_ste(9, &ste);
+    assert!(matches!(
+        nohyp.smmu.translate(t),
+        Outcome::Fault {
+            event: EventType::CBadSte,
+            ..
+        }
+    ));
+}
