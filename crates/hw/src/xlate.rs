@@ -1097,6 +1097,19 @@ impl Smmu {
         want_fill: bool,
     ) -> Result<Resolved, Fail> {
         let va = txn.addr;
+        // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
+        // with the canonical address, so tagged and untagged accesses share them and a TLBI
+        // by untagged VA finds them.
+        let tbi = if (va >> 55) & 1 == 1 {
+            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1)
+        } else {
+            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0)
+        };
+        let key_va = if tbi {
+            (((va << 8) as i64) >> 8) as u64
+        } else {
+            va
+        };
         let kind = if s2.is_some() { Kind::Nested } else { Kind::S1 };
         // EL2 (non-E2H) entries have no ASID; NS-EL1 entries carry the VMID.
         let (vm, asid) = match sel.world {
@@ -1105,7 +1118,7 @@ impl Smmu {
             World::El2E2h => (0, Some(sel.cd.asid)),
         };
         let ctx = Ctx::new(sel.world, kind, vm, asid, sel.cd.aset);
-        let cached = self.tlb.read().lookup(ctx, va);
+        let cached = self.tlb.read().lookup(ctx, key_va);
         let entry = match cached {
             Some(e) => {
                 inc(&self.counters.tlb_hits);
@@ -1113,7 +1126,7 @@ impl Smmu {
             }
             None => {
                 inc(&self.counters.tlb_misses);
-                self.s1_walk(va, sel, s2, ctx)?
+                self.s1_walk(va, key_va, sel, s2, ctx)?
             }
         };
         // Permissions: stage 1 first, then stage 2 (IHI0070 3.3.3); a stage-2 permission
@@ -1153,6 +1166,7 @@ impl Smmu {
     fn s1_walk(
         &self,
         va: u64,
+        key_va: u64,
         sel: &S1Sel,
         s2: Option<&S2Config>,
         ctx: Ctx,
@@ -1223,7 +1237,7 @@ impl Smmu {
         let e = match s2 {
             None => TlbEntry {
                 ctx: ectx,
-                in_base: t.input_base(),
+                in_base: key_va & !(t.block_size() - 1),
                 shift: t.block_shift,
                 out_base: t.output_base(),
                 ipa_base: t.output_base(),
@@ -1244,7 +1258,7 @@ impl Smmu {
                 let mask = !((1u64 << shift) - 1);
                 TlbEntry {
                     ctx: ectx,
-                    in_base: va & mask,
+                    in_base: key_va & mask,
                     shift,
                     out_base: h.pa & mask,
                     ipa_base: ipa & mask,

@@ -481,3 +481,34 @@ fn el2_streams_and_el2_invalidation() {
         }
     ));
 }
+
+#[test]
+fn tbi_tagged_addresses_share_one_entry_and_untagged_tlbi_removes_it() {
+    let mut m = Machine::new(SmmuConfig::default());
+    let mem = m.mem.clone();
+    let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
+    b.map(0x1000, DATA, 0x1000, urw()).unwrap();
+    let mut cd = s1_cd(Granule::Size4K, 48, b.root(), 2);
+    cd.dw0 = cd.dw0.with_tbi0(true);
+    m.write_cd(CDS, &cd);
+    m.set_ste(1, &s1_ste(CDS, 0, 4));
+    for tag in [0u64, 0x5a, 0xff] {
+        let t = Transaction::new(1, None, (tag << 56) | 0x1008, AccessKind::Read, false);
+        assert_eq!(m.smmu.translate(t), Outcome::Translated { pa: DATA + 8 });
+    }
+    assert_eq!(m.smmu.tlb_entries().len(), 1, "one entry for every tag");
+    m.submit(&[build::tlbi_nh_va(4, 2, 0x1000, true), build::sync()]);
+    assert!(m.smmu.tlb_entries().is_empty());
+    // Without TBI a tagged address is outside the 48-bit region.
+    cd.dw0 = cd.dw0.with_tbi0(false);
+    m.write_cd(CDS, &cd);
+    m.submit(&[build::cfgi_cd(1, 0, true), build::sync()]);
+    let t = Transaction::new(1, None, (0x5a << 56) | 0x1008, AccessKind::Read, false);
+    assert!(matches!(
+        m.smmu.translate(t),
+        Outcome::Fault {
+            event: EventType::FTranslation,
+            ..
+        }
+    ));
+}
