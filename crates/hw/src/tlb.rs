@@ -254,6 +254,10 @@ pub struct Tlb {
     /// Entries in global (ASID-less) S1/nested contexts: lookups skip the global probe
     /// when there are none.
     globals: u32,
+    /// Indexes of contexts an invalidation unlinked: their memory is released by later
+    /// inserts (one per insert), off the invalidation's path, as a TCU would reclaim in
+    /// the background.
+    graveyard: Vec<CtxTlb>,
     counters: TlbCounters,
 }
 
@@ -273,6 +277,7 @@ impl Tlb {
             capacity,
             by_vmid: HashMap::default(),
             globals: 0,
+            graveyard: Vec::new(),
             counters: TlbCounters::default(),
         }
     }
@@ -331,6 +336,7 @@ impl Tlb {
         if self.len >= self.capacity {
             self.evict_one();
         }
+        drop(self.graveyard.pop());
         let slot = Slot {
             entry: e,
             referenced: AtomicBool::new(false),
@@ -442,6 +448,7 @@ impl Tlb {
             self.globals -= n as u32;
         }
         self.len -= n;
+        self.graveyard.push(t);
         n
     }
 
@@ -516,6 +523,7 @@ impl Tlb {
         self.len = 0;
         self.by_vmid.clear();
         self.globals = 0;
+        self.graveyard.clear();
         self.counters.invalidations += 1;
         self.counters.removed += n as u64;
         n
