@@ -92,24 +92,13 @@ type Leaf = [OnceLock<Box<Page>>; FAN];
 type Mid = [OnceLock<Box<Leaf>>; FAN];
 type Upper = [OnceLock<Box<Mid>>; FAN];
 
-fn new_array<T>() -> Box<[T; FAN]>
-where
-    T: Default,
-{
-    let v: Vec<T> = (0..FAN).map(|_| T::default()).collect();
-    match v.into_boxed_slice().try_into() {
-        Ok(b) => b,
-        // The vector has exactly FAN elements by construction.
-        Err(_) => unreachable!("array of FAN elements"),
-    }
+fn new_array<T: Default>() -> Box<[T; FAN]> {
+    // Arrays of 512 pointers-with-state (8 KiB) are built on the stack, then boxed.
+    Box::new(std::array::from_fn(|_| T::default()))
 }
 
 fn new_page() -> Box<Page> {
-    let v: Vec<AtomicU64> = (0..WORDS).map(|_| AtomicU64::new(0)).collect();
-    match v.into_boxed_slice().try_into() {
-        Ok(b) => b,
-        Err(_) => unreachable!("page of WORDS words"),
-    }
+    Box::new(std::array::from_fn(|_| AtomicU64::new(0)))
 }
 
 /// Sparse, deterministic, thread-safe host memory with declared valid ranges.
