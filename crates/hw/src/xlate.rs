@@ -11,7 +11,10 @@
 //! remained to do (translate only, read N bytes, write these bytes). CMD_RESUME with retry
 //! re-runs it from the start, as though it had just arrived (IHI0070 4.7.1), and stores the
 //! result; CMD_RESUME with terminate, CMD_STALL_TERM and SMMUEN → 0 store a termination.
-//! The device collects the result with [`Smmu::stall_result`].
+//! The device collects the result with [`Smmu::stall_result`]. A fault that would stall
+//! while the event queue cannot take its record (disabled, full, or after an abort) is
+//! terminated instead of held until the queue becomes writable (IHI0070 7.2.1 lets it wait;
+//! this model does not), and at most IDR5.STALL_MAX transactions stall at once.
 
 use std::sync::atomic::Ordering;
 
