@@ -14,11 +14,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Script the SMMU with QEMU's qtest protocol plus DMA, TLBI and stats commands.
+    Qtest(twinmmu_sim::qtest::Args),
+    /// Replay a VMID allocation trace through KVM arm64's VMID allocator.
     Vmid(twinmmu_sim::vmid::Args),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Qtest(args) => match twinmmu_sim::qtest::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("twinmmu qtest: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Vmid(args) => twinmmu_sim::vmid::run(&args),
     }
 }

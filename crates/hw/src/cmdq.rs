@@ -1,0 +1,313 @@
+//! Command queue consumption and command execution (IHI0070 chapter 4, 7.1; smmu_kvm.md
+//! §4.6–§4.8).
+//!
+//! Commands are consumed synchronously when CMDQ_PROD is written, when CMDQEN is set, and
+//! when GERRORN acknowledges a command error: while CMDQEN = 1, the queue is not empty and
+//! no CMDQ_ERR is active. Every command takes effect before CONS moves past it, so a
+//! consumed CMD_SYNC means everything before it has completed. On an error the SMMU stops
+//! at the failing command (CONS.RD points at it, CONS.ERR holds the code), activates
+//! GERROR.CMDQ_ERR and consumes nothing more until software acknowledges; it then re-reads
+//! the command at CONS.
+
+use std::sync::atomic::Ordering;
+
+use crate::cmd::{CmdqEntry, Command, SyncSignal, TlbiAddr, decode};
+use crate::regs::{Cr0, Gerror, QueueBase, QueueIndex};
+use crate::smmu::{QPtr, Regs, Smmu, inc};
+use crate::tlb::{AsidMatch, InvScope, Kind, World};
+
+/// CMDQ_CONS.ERR codes (IHI0070 7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CmdError {
+    None = 0,
+    Ill = 1,
+    Abt = 2,
+    AtcInvSync = 3,
+}
+
+impl CmdError {
+    pub fn from_code(c: u8) -> Self {
+        match c {
+            1 => CmdError::Ill,
+            2 => CmdError::Abt,
+            3 => CmdError::AtcInvSync,
+            _ => CmdError::None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            CmdError::None => "CERROR_NONE",
+            CmdError::Ill => "CERROR_ILL",
+            CmdError::Abt => "CERROR_ABT",
+            CmdError::AtcInvSync => "CERROR_ATC_INV_SYNC",
+        }
+    }
+}
+
+const NS: u8 = InvScope::world_bit(World::NsEl1);
+
+impl Smmu {
+    pub(crate) fn process_cmdq(&self, r: &mut Regs) {
+        let cmdq_err = Gerror::new().with_cmdq_err(true).into_bits();
+        let log2 = self.cmdq_log2(r);
+        let q = QPtr { log2 };
+        let base = QueueBase::from_bits(r.cmdq_base).addr() << 5;
+        loop {
+            if !Cr0::from_bits(r.cr0).cmdqen() || self.gerror_active(cmdq_err) {
+                return;
+            }
+            if q.empty(r.cmdq_prod, r.cmdq_cons) {
+                return;
+            }
+            let addr = base + u64::from(q.idx(r.cmdq_cons)) * 16;
+            let entry = match (self.mem.read_u64(addr), self.mem.read_u64(addr + 8)) {
+                (Ok(a), Ok(b)) => CmdqEntry([a, b]),
+                _ => {
+                    self.cmd_error(r, CmdError::Abt);
+                    return;
+                }
+            };
+            inc(&self.counters.commands);
+            let cmd = match decode(entry, &self.cfg) {
+                Ok(c) => c,
+                Err(_) => {
+                    self.cmd_error(r, CmdError::Ill);
+                    return;
+                }
+            };
+            if let Err(e) = self.execute(cmd, Cr0::from_bits(r.cr0).smmuen()) {
+                self.cmd_error(r, e);
+                return;
+            }
+            // Consumed: CONS moves past the command, keeping ERR (QEMU deposits only the
+            // index and wrap bits).
+            r.cmdq_cons = q.inc(r.cmdq_cons);
+        }
+    }
+
+    fn cmd_error(&self, r: &mut Regs, e: CmdError) {
+        inc(&self.counters.command_errors);
+        // The code is visible before the global error (IHI0070 7.1).
+        r.cmdq_cons = QueueIndex::from_bits(r.cmdq_cons)
+            .with_err(e as u8)
+            .into_bits();
+        self.raise_gerror(Gerror::new().with_cmdq_err(true).into_bits());
+    }
+
+    /// Executes one decoded command.
+    pub(crate) fn execute(&self, cmd: Command, smmuen: bool) -> Result<(), CmdError> {
+        match cmd {
+            // Prefetches are hints (IHI0070 4.2).
+            Command::PrefetchConfig { .. } | Command::PrefetchAddr { .. } => {}
+            Command::CfgiSte { sid, .. } => self.cfgi(|s| s == sid),
+            Command::CfgiSteRange { sid, range } => {
+                if range >= 31 {
+                    // CMD_CFGI_ALL.
+                    self.cfgi(|_| true);
+                } else {
+                    let span = 1u64 << (range + 1);
+                    let start = u64::from(sid) & !(span - 1);
+                    self.cfgi(|s| (u64::from(s) & !(span - 1)) == start);
+                }
+            }
+            Command::CfgiCd { sid, ssid, .. } => {
+                let mut t = self.tcu.write();
+                t.cd.remove(&(sid, ssid));
+                t.cfg_gen += 1;
+                drop(t);
+                self.bump_epoch();
+            }
+            Command::CfgiCdAll { sid } => {
+                let mut t = self.tcu.write();
+                t.cd.retain(|k, _| k.0 != sid);
+                t.cfg_gen += 1;
+                drop(t);
+                self.bump_epoch();
+            }
+            Command::TlbiNhAll { vmid } => self.invalidate(InvScope {
+                worlds: NS,
+                kinds: InvScope::S1_KINDS,
+                vmid: Some(self.cmd_vmid(vmid)),
+                asid: AsidMatch::Any,
+                skip_aset: false,
+                range: None,
+            }),
+            Command::TlbiNhAsid { vmid, asid } => self.invalidate(InvScope {
+                worlds: NS,
+                kinds: InvScope::S1_KINDS,
+                vmid: Some(self.cmd_vmid(vmid)),
+                asid: AsidMatch::NonGlobal(asid),
+                skip_aset: false,
+                range: None,
+            }),
+            Command::TlbiNhVa { vmid, asid, addr } => self.invalidate(InvScope {
+                worlds: NS,
+                kinds: InvScope::S1_KINDS,
+                vmid: Some(self.cmd_vmid(vmid)),
+                asid: AsidMatch::AsidOrGlobal(asid),
+                skip_aset: false,
+                range: Some(addr.span()),
+            }),
+            Command::TlbiNhVaa { vmid, addr } => self.invalidate(InvScope {
+                worlds: NS,
+                kinds: InvScope::S1_KINDS,
+                vmid: Some(self.cmd_vmid(vmid)),
+                asid: AsidMatch::Any,
+                skip_aset: false,
+                range: Some(addr.span()),
+            }),
+            Command::TlbiEl2All => self.invalidate(InvScope {
+                worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
+                kinds: InvScope::ALL_KINDS,
+                vmid: None,
+                asid: AsidMatch::Any,
+                skip_aset: false,
+                range: None,
+            }),
+            Command::TlbiEl2Asid { asid } => self.invalidate(InvScope {
+                worlds: InvScope::world_bit(World::El2E2h),
+                kinds: InvScope::ALL_KINDS,
+                vmid: Some(0),
+                asid: AsidMatch::NonGlobal(asid),
+                skip_aset: false,
+                range: None,
+            }),
+            Command::TlbiEl2Va { asid, addr } => self.el2_va(Some(asid), addr),
+            Command::TlbiEl2Vaa { addr } => self.el2_va(None, addr),
+            Command::TlbiS12Vmall { vmid } => self.invalidate(InvScope {
+                worlds: NS,
+                kinds: InvScope::ALL_KINDS,
+                vmid: Some(vmid),
+                asid: AsidMatch::Any,
+                skip_aset: false,
+                range: None,
+            }),
+            // Stage-2-only entries covering the IPA; combined nested entries need not be
+            // removed (IHI0070 4.4.3.1), and are not: software follows with NH_ALL or
+            // S12_VMALL, as on a PE.
+            Command::TlbiS2Ipa { vmid, addr } => self.invalidate(InvScope {
+                worlds: NS,
+                kinds: InvScope::kind_bit(Kind::S2),
+                vmid: Some(vmid),
+                asid: AsidMatch::Any,
+                skip_aset: false,
+                range: Some(addr.span()),
+            }),
+            Command::TlbiNsnhAll => self.invalidate(InvScope {
+                worlds: NS,
+                kinds: InvScope::ALL_KINDS,
+                vmid: None,
+                asid: AsidMatch::Any,
+                skip_aset: false,
+                range: None,
+            }),
+            Command::AtcInv {
+                sid,
+                ssid,
+                addr,
+                size,
+                ..
+            } => {
+                // IGNORED while SMMUEN = 0 (IHI0070 4.5.1).
+                if smmuen {
+                    let ep = self.ats.read().get(&sid).cloned();
+                    if let Some(ep) = ep
+                        && ep.invalidate(ssid, addr, size) == crate::smmu::AtcResponse::Timeout
+                    {
+                        self.atc_failed.store(true, Ordering::Release);
+                    }
+                }
+            }
+            // The response goes to the endpoint; nothing to model beyond consumption.
+            Command::PriResp { .. } => {}
+            Command::Resume {
+                sid,
+                stag,
+                retry,
+                abort,
+            } => self.resume(sid, stag, retry, abort),
+            Command::StallTerm { sid } => self.stall_term(sid),
+            Command::Sync { signal } => {
+                // A CMD_SYNC cannot complete an ATC invalidation that timed out: it stays at
+                // CONS with CERROR_ATC_INV_SYNC and is retried after the acknowledge.
+                if self.atc_failed.swap(false, Ordering::AcqRel) {
+                    return Err(CmdError::AtcInvSync);
+                }
+                inc(&self.counters.syncs);
+                match signal {
+                    SyncSignal::None => {}
+                    SyncSignal::Irq { msi_addr, msi_data } => {
+                        inc(&self.counters.irqs[3]);
+                        if self.cfg.msi && msi_addr != 0 {
+                            let a = msi_addr & ((1u64 << self.cfg.oas_bits) - 1);
+                            if self.mem.write_u32(a, msi_data).is_err() {
+                                self.raise_gerror(
+                                    Gerror::new().with_msi_cmdq_abt_err(true).into_bits(),
+                                );
+                            }
+                        }
+                    }
+                    SyncSignal::Sev => {
+                        if self.cfg.sev {
+                            inc(&self.counters.irqs[4]);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// VMID parameters are matched only when stage 2 is implemented (IHI0070 4.4.2);
+    /// a stage-1-only SMMU tags everything with VMID 0.
+    fn cmd_vmid(&self, vmid: u16) -> u16 {
+        if self.cfg.s2p { vmid } else { 0 }
+    }
+
+    fn el2_va(&self, asid: Option<u16>, addr: TlbiAddr) {
+        // CR2.E2H selects the EL2-E2H world (ASID-matched) or EL2 (ASID ignored).
+        let e2h = self.tcu.read().live.cr2.e2h();
+        let (world, m) = if e2h {
+            (
+                World::El2E2h,
+                asid.map_or(AsidMatch::Any, AsidMatch::AsidOrGlobal),
+            )
+        } else {
+            (World::El2, AsidMatch::Any)
+        };
+        self.invalidate(InvScope {
+            worlds: InvScope::world_bit(world),
+            kinds: InvScope::ALL_KINDS,
+            vmid: Some(0),
+            asid: m,
+            skip_aset: false,
+            range: Some(addr.span()),
+        });
+    }
+
+    fn cfgi(&self, sel: impl Fn(u32) -> bool) {
+        let mut t = self.tcu.write();
+        t.ste.retain(|sid, _| !sel(*sid));
+        // CFGI_STE* also drops every CD cached through those StreamIDs (IHI0070 4.3.1).
+        t.cd.retain(|k, _| !sel(k.0));
+        t.cfg_gen += 1;
+        drop(t);
+        self.bump_epoch();
+    }
+
+    /// Removes every TLB entry in `scope`, then publishes the change to the micro-TLBs.
+    pub(crate) fn invalidate(&self, scope: InvScope) {
+        {
+            let mut t = self.tlb.write();
+            t.invalidate(&scope);
+            self.tlb_gen.fetch_add(1, Ordering::AcqRel);
+        }
+        self.bump_epoch();
+    }
+
+    /// CMDQ_CONS.ERR as an enum.
+    pub fn cmdq_error(&self) -> CmdError {
+        CmdError::from_code(QueueIndex::from_bits(self.regs.lock().cmdq_cons).err())
+    }
+}

@@ -1,0 +1,1362 @@
+//! Translation of one transaction (IHI0070 3.3, chapter 15; smmu_kvm.md §4.10): GBPA when
+//! SMMUEN = 0, the stream table (linear and 2-level), STE checks, substream selection
+//! (S1DSS), CD fetch (through stage 2 when nested, CLASS = CD), the stage-1 walk with every
+//! table address through stage 2 when nested (CLASS = TT, S2PTW), stage 2 on the output
+//! (CLASS = IN), permissions S1 ∩ S2 with the STE PRIV/INST overrides, and the fault rules:
+//! recording (CD.R, STE.S2R), stall (CD.S, STE.S2S, S1STALLD, STALL_MODEL) and termination
+//! (abort, or RAZ/WI per CD.A and TERM_MODEL).
+//!
+//! Stalls. A transaction that stalls returns [`Outcome::Stalled`] with its STAG at once
+//! (the device port is not blocked) and is parked in the stall table together with what
+//! remained to do (translate only, read N bytes, write these bytes). CMD_RESUME with retry
+//! re-runs it from the start, as though it had just arrived (IHI0070 4.7.1), and stores the
+//! result; CMD_RESUME with terminate, CMD_STALL_TERM and SMMUEN → 0 store a termination.
+//! The device collects the result with [`Smmu::stall_result`]. A fault that would stall
+//! while the event queue cannot take its record (disabled, full, or after an abort) is
+//! terminated instead of held until the queue becomes writable (IHI0070 7.2.1 lets it wait;
+//! this model does not), and at most IDR5.STALL_MAX transactions stall at once.
+
+use std::sync::atomic::Ordering;
+
+use hashbrown::HashMap;
+use rustc_hash::FxBuildHasher;
+use twinmmu_vmsa::{
+    Access, AccessKind, FaultKind, S1Perms, S2Perms, Stage, WalkError, check_s1, check_s2,
+    select_ttb, walk_stage1, walk_stage2,
+};
+
+use crate::cd::{ContextDescriptor, L1Cd, decode_cd};
+use crate::config::StallModel;
+use crate::event::{Event, EventType, FaultClass};
+use crate::mem::WalkMem;
+use crate::regs::StrtabBase;
+use crate::smmu::{Live, Smmu, inc};
+use crate::ste::{
+    AttrOverride, L1Std, S1Ctx, S1Dss, S2Config, Ste, StreamConfig, StreamWorld, decode_ste,
+};
+use crate::tlb::{Ctx, EntryPerms, Kind, TlbEntry, World};
+
+/// One transaction at the SMMU's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Transaction {
+    pub sid: u32,
+    pub ssid: Option<u32>,
+    pub addr: u64,
+    pub kind: AccessKind,
+    /// Incoming PnU (before the STE override).
+    pub privileged: bool,
+}
+
+impl Transaction {
+    pub fn new(sid: u32, ssid: Option<u32>, addr: u64, kind: AccessKind, privileged: bool) -> Self {
+        Transaction {
+            sid,
+            ssid,
+            addr,
+            kind,
+            privileged,
+        }
+    }
+}
+
+/// How a terminated transaction completes towards the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// An abort (bus error) is returned.
+    Abort,
+    /// Reads return zero, writes are ignored, and the device sees success.
+    RazWi,
+}
+
+/// The result of presenting one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Translated {
+        pa: u64,
+    },
+    /// Terminated because of a fault or configuration error `event` (recorded in the event
+    /// queue or not).
+    Fault {
+        event: EventType,
+        recorded: bool,
+        termination: Termination,
+    },
+    /// Terminated with no event: GBPA.ABORT, or STE.Config = abort.
+    Abort,
+    /// Stalled with a recorded event carrying `stag`.
+    Stalled {
+        stag: u16,
+        event: EventType,
+    },
+}
+
+/// Why a DMA did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    #[error("{} fault{}", event.name(), if *recorded { " (recorded)" } else { "" })]
+    Fault {
+        event: EventType,
+        recorded: bool,
+        termination: Termination,
+    },
+    #[error("aborted by the SMMU configuration")]
+    Abort,
+    #[error("stalled (STAG {stag}) after {done} bytes")]
+    Stalled {
+        stag: u16,
+        event: EventType,
+        done: usize,
+    },
+    #[error("external abort from memory at {pa:#x}")]
+    BusError { pa: u64 },
+}
+
+/// What a resumed or terminated stalled transaction finally did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StallResult {
+    Translated(u64),
+    Read(Vec<u8>),
+    Written,
+    Failed(DmaError),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum PendingOp {
+    Translate,
+    Read { len: usize },
+    Write { data: Vec<u8> },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Stalled {
+    pub txn: Transaction,
+    pub op: PendingOp,
+    /// The fault that stalled it (reported again if it is terminated).
+    pub event: EventType,
+}
+
+/// Stalled transactions by (StreamID, STAG), and finished ones waiting for the device.
+#[derive(Debug, Default)]
+pub(crate) struct StallTable {
+    next: u16,
+    pub pending: HashMap<(u32, u16), Stalled, FxBuildHasher>,
+    pub done: HashMap<(u32, u16), StallResult, FxBuildHasher>,
+}
+
+/// A fault before the recording rules are applied.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct XFault {
+    pub event: EventType,
+    pub s2: bool,
+    pub class: FaultClass,
+    pub ipa: u64,
+    pub fetch_addr: u64,
+    pub ttrnw: bool,
+    /// CD index for C_BAD_SUBSTREAMID (its SubstreamID field).
+    pub ssid_override: Option<u32>,
+    /// Recording, stall and termination as the configuration decides.
+    pub record: bool,
+    pub may_stall: bool,
+    pub termination: Termination,
+}
+
+impl XFault {
+    fn config(event: EventType) -> Self {
+        XFault {
+            event,
+            s2: false,
+            class: FaultClass::In,
+            ipa: 0,
+            fetch_addr: 0,
+            ttrnw: false,
+            ssid_override: None,
+            record: true,
+            may_stall: false,
+            termination: Termination::Abort,
+        }
+    }
+    fn fetch(event: EventType, pa: u64) -> Self {
+        XFault {
+            fetch_addr: pa,
+            ..Self::config(event)
+        }
+    }
+}
+
+pub(crate) enum Fail {
+    /// Terminated with no event.
+    Silent,
+    Fault(XFault),
+}
+
+/// What the micro-TLB may cache after a successful translation: the page or block, and
+/// which (kind, privilege) combinations of *incoming* attributes it permits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fill {
+    pub in_base: u64,
+    pub shift: u8,
+    pub out_base: u64,
+    /// Bit `kind * 2 + privileged` (kind: 0 read, 1 write, 2 execute).
+    pub allowed: u8,
+}
+
+pub(crate) struct Resolved {
+    pub pa: u64,
+    pub fill: Option<Fill>,
+}
+
+pub(crate) fn access_bit(kind: AccessKind, privileged: bool) -> u8 {
+    let k = match kind {
+        AccessKind::Read => 0,
+        AccessKind::Write => 1,
+        AccessKind::Execute => 2,
+    };
+    1 << (k * 2 + u8::from(privileged))
+}
+
+/// The access after the STE's PRIVCFG/INSTCFG overrides (IHI0070 13.1). Writes are never
+/// instruction accesses.
+fn effective(
+    kind: AccessKind,
+    privileged: bool,
+    privcfg: AttrOverride,
+    instcfg: AttrOverride,
+) -> Access {
+    let p = privcfg.apply(privileged);
+    let k = match kind {
+        AccessKind::Write => AccessKind::Write,
+        _ => {
+            if instcfg.apply(kind == AccessKind::Execute) {
+                AccessKind::Execute
+            } else {
+                AccessKind::Read
+            }
+        }
+    };
+    Access::new(k, p)
+}
+
+fn perms_allow(p: &EntryPerms, a: Access) -> Result<(), Stage> {
+    if let Some((s1, ctl, _)) = p.s1
+        && check_s1(s1, a, ctl).is_err()
+    {
+        return Err(Stage::Stage1);
+    }
+    if let Some((s2, _, _)) = p.s2
+        && check_s2(s2, a).is_err()
+    {
+        return Err(Stage::Stage2);
+    }
+    Ok(())
+}
+
+fn allowed_mask(p: &EntryPerms, privcfg: AttrOverride, instcfg: AttrOverride) -> u8 {
+    let mut m = 0;
+    for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Execute] {
+        for privileged in [false, true] {
+            if perms_allow(p, effective(kind, privileged, privcfg, instcfg)).is_ok() {
+                m |= access_bit(kind, privileged);
+            }
+        }
+    }
+    m
+}
+
+fn event_of(kind: FaultKind) -> EventType {
+    match kind {
+        FaultKind::Translation => EventType::FTranslation,
+        FaultKind::AccessFlag => EventType::FAccess,
+        FaultKind::Permission => EventType::FPermission,
+        FaultKind::AddressSize => EventType::FAddrSize,
+        FaultKind::ExternalAbort { .. } => EventType::FWalkEabt,
+    }
+}
+
+/// A stage-2 result, from the TLB or a walk.
+#[derive(Debug, Clone, Copy)]
+struct S2Hit {
+    pa: u64,
+    in_base: u64,
+    shift: u8,
+    out_base: u64,
+    perms: S2Perms,
+    level: u8,
+    device: bool,
+    tg_shift: u8,
+}
+
+/// Stage-1 context of a stream after CD selection.
+#[derive(Debug, Clone, Copy)]
+struct S1Sel {
+    cd: crate::cd::CdConfig,
+    world: World,
+    stalld: bool,
+}
+
+impl Smmu {
+    /// Presents one transaction and translates it without moving data (the `dma` command of
+    /// `twinmmu qtest`, and ATS-style translation).
+    pub fn translate(&self, txn: Transaction) -> Outcome {
+        match self.resolve(&txn, false) {
+            Ok(r) => Outcome::Translated { pa: r.pa },
+            Err(f) => self.fail(&txn, f, PendingOp::Translate),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at IOVA `iova` as a data read of `sid`/`ssid`.
+    pub fn dma_read(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        buf: &mut [u8],
+        privileged: bool,
+    ) -> Result<(), DmaError> {
+        self.dma_read_kind(sid, ssid, iova, buf, privileged, AccessKind::Read)
+    }
+
+    pub(crate) fn dma_read_kind(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        buf: &mut [u8],
+        privileged: bool,
+        kind: AccessKind,
+    ) -> Result<(), DmaError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let a = iova.wrapping_add(done as u64);
+            // Split at 4 KiB, the smallest page a translation can have.
+            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
+            let txn = Transaction::new(sid, ssid, a, kind, privileged);
+            match self.resolve(&txn, false) {
+                Ok(r) => self
+                    .mem
+                    .read(r.pa, &mut buf[done..done + chunk])
+                    .map_err(|_| DmaError::BusError { pa: r.pa })?,
+                Err(f) => {
+                    let op = PendingOp::Read {
+                        len: buf.len() - done,
+                    };
+                    match self.fail(&txn, f, op) {
+                        Outcome::Fault {
+                            event,
+                            recorded,
+                            termination,
+                        } => {
+                            if termination == Termination::RazWi {
+                                buf[done..].fill(0);
+                            }
+                            return Err(DmaError::Fault {
+                                event,
+                                recorded,
+                                termination,
+                            });
+                        }
+                        Outcome::Stalled { stag, event } => {
+                            return Err(DmaError::Stalled { stag, event, done });
+                        }
+                        _ => return Err(DmaError::Abort),
+                    }
+                }
+            }
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at IOVA `iova` as a data write of `sid`/`ssid`.
+    pub fn dma_write(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        data: &[u8],
+        privileged: bool,
+    ) -> Result<(), DmaError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let a = iova.wrapping_add(done as u64);
+            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(data.len() - done);
+            let txn = Transaction::new(sid, ssid, a, AccessKind::Write, privileged);
+            match self.resolve(&txn, false) {
+                Ok(r) => self
+                    .mem
+                    .write(r.pa, &data[done..done + chunk])
+                    .map_err(|_| DmaError::BusError { pa: r.pa })?,
+                Err(f) => {
+                    let op = PendingOp::Write {
+                        data: data[done..].to_vec(),
+                    };
+                    return Err(match self.fail(&txn, f, op) {
+                        Outcome::Fault {
+                            event,
+                            recorded,
+                            termination,
+                        } => DmaError::Fault {
+                            event,
+                            recorded,
+                            termination,
+                        },
+                        Outcome::Stalled { stag, event } => DmaError::Stalled { stag, event, done },
+                        _ => DmaError::Abort,
+                    });
+                }
+            }
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// The result of a stalled transaction once CMD_RESUME, CMD_STALL_TERM or SMMUEN = 0 has
+    /// dealt with it (taken: a second call returns `None`).
+    pub fn stall_result(&self, sid: u32, stag: u16) -> Option<StallResult> {
+        self.stalls.lock().done.remove(&(sid, stag))
+    }
+
+    /// Whether (sid, stag) is still stalled.
+    pub fn is_stalled(&self, sid: u32, stag: u16) -> bool {
+        self.stalls.lock().pending.contains_key(&(sid, stag))
+    }
+
+    /// Applies the recording, stall and termination rules to a failed translation.
+    pub(crate) fn fail(&self, txn: &Transaction, f: Fail, op: PendingOp) -> Outcome {
+        let x = match f {
+            Fail::Silent => {
+                inc(&self.counters.aborts);
+                return Outcome::Abort;
+            }
+            Fail::Fault(x) => x,
+        };
+        inc(&self.counters.faults);
+        // The access attributes reported are the post-override ones; they are recomputed
+        // here from the transaction (the STE is cached, so this is cheap and never fails
+        // differently from the translation that just ran).
+        let (pnu, ind) = self.reported_attrs(txn);
+        let mut ev = Event {
+            event_type: x.event,
+            sid: txn.sid,
+            ssid: x.ssid_override.or(txn.ssid),
+            stall: None,
+            pnu,
+            ind,
+            rnw: txn.kind != AccessKind::Write,
+            s2: x.s2,
+            class: x.class,
+            ttrnw: x.ttrnw,
+            input_addr: txn.addr,
+            ipa: x.ipa,
+            fetch_addr: x.fetch_addr,
+        };
+        let stall = x.may_stall && !matches!(self.cfg.stall_model, StallModel::TerminateOnly);
+        if stall && self.eventq_writable() {
+            let mut st = self.stalls.lock();
+            // STALL_MAX transactions at most (IDR5); beyond that, terminate.
+            if st.pending.len() < usize::from(self.cfg.idr5().stall_max()) {
+                let mut stag = st.next;
+                while st.pending.contains_key(&(txn.sid, stag))
+                    || st.done.contains_key(&(txn.sid, stag))
+                {
+                    stag = stag.wrapping_add(1);
+                }
+                st.next = stag.wrapping_add(1);
+                ev.stall = Some(stag);
+                if self.record_event(&ev) {
+                    st.pending.insert(
+                        (txn.sid, stag),
+                        Stalled {
+                            txn: *txn,
+                            op,
+                            event: x.event,
+                        },
+                    );
+                    inc(&self.counters.stalls);
+                    return Outcome::Stalled {
+                        stag,
+                        event: x.event,
+                    };
+                }
+                ev.stall = None;
+            }
+        }
+        let recorded = (x.record || stall) && self.record_event(&ev);
+        Outcome::Fault {
+            event: x.event,
+            recorded,
+            termination: x.termination,
+        }
+    }
+
+    fn reported_attrs(&self, txn: &Transaction) -> (bool, bool) {
+        let ste = self.tcu.read().ste.get(&txn.sid).copied();
+        let (privcfg, instcfg) = match ste {
+            Some(StreamConfig::Translate {
+                privcfg, instcfg, ..
+            })
+            | Some(StreamConfig::Bypass { privcfg, instcfg }) => (privcfg, instcfg),
+            _ => (AttrOverride::Incoming, AttrOverride::Incoming),
+        };
+        let a = effective(txn.kind, txn.privileged, privcfg, instcfg);
+        (a.privileged, a.kind == AccessKind::Execute)
+    }
+
+    /// Re-runs a stalled transaction (CMD_RESUME retry) or terminates it.
+    pub(crate) fn resume(&self, sid: u32, stag: u16, retry: bool, abort: bool) {
+        let Some(s) = self.stalls.lock().pending.remove(&(sid, stag)) else {
+            // No such stalled transaction: no effect (IHI0070 4.7.1).
+            return;
+        };
+        let result = if retry {
+            self.run_op(&s)
+        } else {
+            terminated(
+                &s,
+                if abort {
+                    Termination::Abort
+                } else {
+                    Termination::RazWi
+                },
+            )
+        };
+        self.stalls.lock().done.insert((sid, stag), result);
+    }
+
+    fn run_op(&self, s: &Stalled) -> StallResult {
+        let t = s.txn;
+        match &s.op {
+            PendingOp::Translate => match self.translate(t) {
+                Outcome::Translated { pa } => StallResult::Translated(pa),
+                Outcome::Fault {
+                    event,
+                    recorded,
+                    termination,
+                } => StallResult::Failed(DmaError::Fault {
+                    event,
+                    recorded,
+                    termination,
+                }),
+                Outcome::Abort => StallResult::Failed(DmaError::Abort),
+                Outcome::Stalled { stag, event } => StallResult::Failed(DmaError::Stalled {
+                    stag,
+                    event,
+                    done: 0,
+                }),
+            },
+            PendingOp::Read { len } => {
+                let mut buf = vec![0u8; *len];
+                match self.dma_read_kind(t.sid, t.ssid, t.addr, &mut buf, t.privileged, t.kind) {
+                    Ok(()) => StallResult::Read(buf),
+                    Err(e) => StallResult::Failed(e),
+                }
+            }
+            PendingOp::Write { data } => {
+                match self.dma_write(t.sid, t.ssid, t.addr, data, t.privileged) {
+                    Ok(()) => StallResult::Written,
+                    Err(e) => StallResult::Failed(e),
+                }
+            }
+        }
+    }
+
+    /// CMD_STALL_TERM: every stalled transaction of `sid` terminates with an abort.
+    pub(crate) fn stall_term(&self, sid: u32) {
+        let mut st = self.stalls.lock();
+        let keys: Vec<(u32, u16)> = st.pending.keys().filter(|k| k.0 == sid).copied().collect();
+        for k in keys {
+            if let Some(s) = st.pending.remove(&k) {
+                st.done.insert(k, terminated(&s, Termination::Abort));
+            }
+        }
+    }
+
+    pub(crate) fn terminate_all_stalls(&self) {
+        let mut st = self.stalls.lock();
+        let all: Vec<((u32, u16), Stalled)> = st.pending.drain().collect();
+        for (k, s) in all {
+            st.done.insert(k, terminated(&s, Termination::Abort));
+        }
+    }
+
+    // ------------------------------------------------------------------ the flow
+
+    /// The translation flow; `Err` carries the fault before the recording rules.
+    pub(crate) fn resolve(&self, txn: &Transaction, want_fill: bool) -> Result<Resolved, Fail> {
+        inc(&self.counters.translations);
+        // One read of the configuration cache: the live registers, the STE and, when the
+        // stream selects a CD, that CD.
+        let (live, ste, cd0) = {
+            let t = self.tcu.read();
+            let ste = t.ste.get(&txn.sid).copied();
+            let cd0 = match &ste {
+                Some(StreamConfig::Translate { s1: Some(s1), .. }) => match self.select_cd(txn, s1)
+                {
+                    Ok(Some(idx)) => t.cd.get(&(txn.sid, idx)).copied().map(|c| (idx, c)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            (t.live, ste, cd0)
+        };
+        if !live.cr0.smmuen() {
+            // IHI0070 6.3.14: GBPA decides; no event.
+            let g = live.gbpa;
+            if g.abort() {
+                return Err(Fail::Silent);
+            }
+            return Ok(Resolved {
+                pa: txn.addr,
+                fill: Some(Fill {
+                    in_base: txn.addr & !0xfff,
+                    shift: 12,
+                    out_base: txn.addr & !0xfff,
+                    allowed: 0x3f,
+                }),
+            });
+        }
+        let ste = match ste {
+            Some(s) => {
+                inc(&self.counters.cfg_hits);
+                s
+            }
+            None => {
+                inc(&self.counters.cfg_misses);
+                self.fetch_ste(&live, txn.sid)?
+            }
+        };
+        let (s1ctx, s2, vmid, privcfg, instcfg) = match ste {
+            StreamConfig::Abort => return Err(Fail::Silent),
+            StreamConfig::Bypass { .. } => {
+                if txn.ssid.is_some() {
+                    // SubstreamID with stage 1 disabled (IHI0070 7.3.9).
+                    return Err(Fail::Fault(XFault::config(EventType::CBadSubstreamid)));
+                }
+                return Ok(Resolved {
+                    pa: txn.addr,
+                    fill: Some(Fill {
+                        in_base: txn.addr & !0xfff,
+                        shift: 12,
+                        out_base: txn.addr & !0xfff,
+                        allowed: 0x3f,
+                    }),
+                });
+            }
+            StreamConfig::Translate {
+                s1,
+                s2,
+                vmid,
+                privcfg,
+                instcfg,
+                ..
+            } => (s1, s2, vmid, privcfg, instcfg),
+        };
+        let access = effective(txn.kind, txn.privileged, privcfg, instcfg);
+
+        // Substream selection (IHI0070 5.2 S1DSS, S1CDMax; 7.3.7, 7.3.9).
+        let sel = match s1ctx {
+            None => {
+                if txn.ssid.is_some() {
+                    return Err(Fail::Fault(XFault::config(EventType::CBadSubstreamid)));
+                }
+                None
+            }
+            Some(s1) => match self.select_cd(txn, &s1)? {
+                None => None,
+                Some(idx) => {
+                    let cd = match cd0 {
+                        Some((i, cd)) if i == idx => {
+                            inc(&self.counters.cfg_hits);
+                            cd
+                        }
+                        _ => self.cd_config(txn, &live, &s1, s2.as_ref(), idx)?,
+                    };
+                    let world = match s1.world {
+                        StreamWorld::NsEl1 => World::NsEl1,
+                        StreamWorld::El2 | StreamWorld::El2E2h => {
+                            if live.cr2.e2h() {
+                                World::El2E2h
+                            } else {
+                                World::El2
+                            }
+                        }
+                    };
+                    Some(S1Sel {
+                        cd,
+                        world,
+                        stalld: s1.stalld,
+                    })
+                }
+            },
+        };
+
+        match (sel, s2) {
+            (None, None) => {
+                // Stage 1 bypassed (S1DSS = bypass) and stage 2 bypassed: the output must
+                // fit the implemented address size (IHI0070 7.3.14).
+                if txn.addr >> self.cfg.oas_bits != 0 {
+                    return Err(Fail::Fault(XFault {
+                        class: FaultClass::In,
+                        ..XFault::config(EventType::FAddrSize)
+                    }));
+                }
+                Ok(Resolved {
+                    pa: txn.addr,
+                    fill: Some(Fill {
+                        in_base: txn.addr & !0xfff,
+                        shift: 12,
+                        out_base: txn.addr & !0xfff,
+                        allowed: 0x3f,
+                    }),
+                })
+            }
+            (None, Some(s2)) => {
+                if txn.addr >> self.cfg.oas_bits != 0 {
+                    return Err(Fail::Fault(XFault::config(EventType::FAddrSize)));
+                }
+                let h = self.s2_translate(&s2, txn.addr, access, FaultClass::In)?;
+                let perms = EntryPerms {
+                    s1: None,
+                    s2: Some((h.perms, h.level, h.device)),
+                };
+                Ok(Resolved {
+                    pa: h.pa,
+                    fill: want_fill.then(|| Fill {
+                        in_base: h.in_base,
+                        shift: h.shift,
+                        out_base: h.out_base,
+                        allowed: allowed_mask(&perms, privcfg, instcfg),
+                    }),
+                })
+            }
+            (Some(sel), s2) => self.s1_translate(
+                txn,
+                &sel,
+                s2.as_ref(),
+                vmid,
+                access,
+                (privcfg, instcfg),
+                want_fill,
+            ),
+        }
+    }
+
+    /// Which CD a transaction uses, or `None` for S1DSS bypass.
+    fn select_cd(&self, txn: &Transaction, s1: &S1Ctx) -> Result<Option<u32>, Fail> {
+        if s1.cdmax == 0 {
+            if txn.ssid.is_some() {
+                return Err(Fail::Fault(XFault::config(EventType::CBadSubstreamid)));
+            }
+            return Ok(Some(0));
+        }
+        match txn.ssid {
+            None => match s1.dss {
+                S1Dss::Terminate => Err(Fail::Fault(XFault::config(EventType::FStreamDisabled))),
+                S1Dss::Bypass => Ok(None),
+                S1Dss::Substream0 => Ok(Some(0)),
+            },
+            Some(s) => {
+                if u64::from(s) >> s1.cdmax != 0 {
+                    return Err(Fail::Fault(XFault::config(EventType::CBadSubstreamid)));
+                }
+                if s == 0 && s1.dss == S1Dss::Substream0 {
+                    // CD 0 is reserved for non-substream traffic (IHI0070 7.3.7).
+                    return Err(Fail::Fault(XFault::config(EventType::FStreamDisabled)));
+                }
+                Ok(Some(s))
+            }
+        }
+    }
+
+    /// Locates, reads and validates the STE of `sid` (IHI0070 3.3.1, 5.1, 5.2), and caches
+    /// it unless a CFGI happened meanwhile.
+    fn fetch_ste(&self, live: &Live, sid: u32) -> Result<StreamConfig, Fail> {
+        let gen0 = self.tcu.read().cfg_gen;
+        inc(&self.counters.ste_fetches);
+        let cfg = live.strtab_cfg;
+        let base = StrtabBase::from_bits(live.strtab_base).addr() << 6;
+        let bad_sid = || {
+            Fail::Fault(XFault {
+                record: live.cr2.recinvsid(),
+                ..XFault::config(EventType::CBadStreamid)
+            })
+        };
+        let log2size = u32::from(cfg.log2size()).min(u32::from(self.cfg.sidsize));
+        if u64::from(sid) >> log2size != 0 {
+            return Err(bad_sid());
+        }
+        let ste_addr = if cfg.fmt() == 1 && self.cfg.st_level_2lvl {
+            // SPLIT is 6, 8 or 10; reserved values behave as the next lower valid one.
+            let split = match cfg.split() {
+                0..=7 => 6,
+                8 | 9 => 8,
+                _ => 10,
+            };
+            let l1_addr = base + (u64::from(sid) >> split) * 8;
+            let l1 = L1Std::from_bits(
+                self.mem
+                    .read_u64(l1_addr)
+                    .map_err(|_| Fail::Fault(XFault::fetch(EventType::FSteFetch, l1_addr)))?,
+            );
+            let span = u32::from(l1.span());
+            // Span 0, reserved (12..31) or beyond SPLIT + 1: no valid STE (IHI0070 5.1.1).
+            if span == 0 || span > 11 || span > split + 1 {
+                return Err(bad_sid());
+            }
+            let idx = u64::from(sid) & ((1u64 << split) - 1);
+            // A StreamID beyond the span is C_BAD_STREAMID (IHI0070 7.3.3 case 2d); QEMU
+            // reports C_BAD_STE here.
+            if idx >> (span - 1) != 0 {
+                return Err(bad_sid());
+            }
+            let l2 = (l1.l2ptr() << 6) & !((64u64 << (span - 1)) - 1);
+            l2 + idx * 64
+        } else {
+            base + u64::from(sid) * 64
+        };
+        let mut d = [0u64; 8];
+        for (i, w) in d.iter_mut().enumerate() {
+            let a = ste_addr + 8 * i as u64;
+            *w = self
+                .mem
+                .read_u64(a)
+                .map_err(|_| Fail::Fault(XFault::fetch(EventType::FSteFetch, a)))?;
+        }
+        let sc = decode_ste(&Ste::from_dwords(d), &self.cfg)
+            .map_err(|_| Fail::Fault(XFault::config(EventType::CBadSte)))?;
+        let mut t = self.tcu.write();
+        if t.cfg_gen == gen0 {
+            if t.ste.len() + t.cd.len() >= self.cfg.cfg_cache_capacity
+                && let Some(k) = t.ste.keys().next().copied()
+            {
+                t.ste.remove(&k);
+            }
+            t.ste.insert(sid, sc);
+        }
+        Ok(sc)
+    }
+
+    /// A stage-2 fault of class `class` under the STE's recording and stall rules.
+    fn s2_fault(&self, s2: &S2Config, f: twinmmu_vmsa::Fault, ipa: u64, class: FaultClass) -> Fail {
+        let event = event_of(f.kind);
+        if let FaultKind::ExternalAbort { fetch_addr } = f.kind {
+            return Fail::Fault(XFault {
+                s2: true,
+                class,
+                ipa,
+                ..XFault::fetch(EventType::FWalkEabt, fetch_addr)
+            });
+        }
+        Fail::Fault(XFault {
+            event,
+            s2: true,
+            class,
+            ipa,
+            fetch_addr: 0,
+            ttrnw: class == FaultClass::Tt,
+            ssid_override: None,
+            record: s2.record,
+            may_stall: s2.stall || self.cfg.stall_model == StallModel::StallForced,
+            // A stage-2 fault terminates with an abort (IHI0070 4.7.1).
+            termination: Termination::Abort,
+        })
+    }
+
+    /// Stage 2 of `ipa` (TLB, then walk), with the permission check for `access`.
+    fn s2_translate(
+        &self,
+        s2: &S2Config,
+        ipa: u64,
+        access: Access,
+        class: FaultClass,
+    ) -> Result<S2Hit, Fail> {
+        let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
+        let cached = self.tlb.read().lookup(ctx, ipa);
+        let h = match cached {
+            Some(e) => {
+                inc(&self.counters.tlb_hits);
+                let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
+                S2Hit {
+                    pa: e.output(ipa),
+                    in_base: e.in_base,
+                    shift: e.shift,
+                    out_base: e.out_base,
+                    perms,
+                    level,
+                    device,
+                    tg_shift: e.tg_shift,
+                }
+            }
+            None => {
+                inc(&self.counters.tlb_misses);
+                let gen0 = self.tlb_gen.load(Ordering::Acquire);
+                inc(&self.counters.walks_s2);
+                let start = s2.walk.geometry().start_level();
+                let w = walk_stage2(&s2.walk, &WalkMem(&*self.mem), ipa);
+                let last = match &w {
+                    Ok(t) => Some(t.level),
+                    Err(f)
+                        if f.level >= start
+                            && !(f.level == 0
+                                && f.kind == FaultKind::Translation
+                                && ipa >> s2.ia_bits() != 0) =>
+                    {
+                        Some(f.level)
+                    }
+                    Err(_) => None,
+                };
+                if let Some(last) = last {
+                    for l in start..=last.min(3) {
+                        inc(&self.counters.desc_reads[4 + usize::from(l)]);
+                    }
+                }
+                let t = w.map_err(|f| self.s2_fault(s2, f, ipa, class))?;
+                // Device memory: MemAttr[3:2] = 0b00 (FWB not implemented).
+                let device = t.attrs.mem_attr & 0b1100 == 0;
+                let h = S2Hit {
+                    pa: t.output,
+                    in_base: t.input_base(),
+                    shift: t.block_shift,
+                    out_base: t.output_base(),
+                    perms: t.perms,
+                    level: t.level,
+                    device,
+                    tg_shift: t.granule.bits() as u8,
+                };
+                self.tlb_insert(
+                    TlbEntry {
+                        ctx,
+                        in_base: h.in_base,
+                        shift: h.shift,
+                        out_base: h.out_base,
+                        ipa_base: h.in_base,
+                        tg_shift: h.tg_shift,
+                        perms: EntryPerms {
+                            s1: None,
+                            s2: Some((h.perms, h.level, h.device)),
+                        },
+                    },
+                    gen0,
+                );
+                h
+            }
+        };
+        if check_s2(h.perms, access).is_err() {
+            return Err(self.s2_fault(
+                s2,
+                twinmmu_vmsa::Fault::new(FaultKind::Permission, h.level, Stage::Stage2),
+                ipa,
+                class,
+            ));
+        }
+        Ok(h)
+    }
+
+    pub(crate) fn tlb_insert(&self, e: TlbEntry, gen0: u64) {
+        let mut t = self.tlb.write();
+        // An invalidation since the walk started may have covered what it read.
+        if self.tlb_gen.load(Ordering::Acquire) == gen0 {
+            t.insert(e);
+        }
+    }
+
+    /// Reads 8 bytes of a CD-table structure at `addr` (an IPA when nested).
+    fn cd_read(&self, s2: Option<&S2Config>, addr: u64) -> Result<u64, Fail> {
+        let pa = match s2 {
+            Some(s2) => {
+                self.s2_translate(
+                    s2,
+                    addr,
+                    Access::new(AccessKind::Read, true),
+                    FaultClass::Cd,
+                )?
+                .pa
+            }
+            None => addr,
+        };
+        self.mem
+            .read_u64(pa)
+            .map_err(|_| Fail::Fault(XFault::fetch(EventType::FCdFetch, pa)))
+    }
+
+    /// Locates, reads and validates CD `idx` of the stream (IHI0070 3.3.2, 5.3, 5.4).
+    fn cd_config(
+        &self,
+        txn: &Transaction,
+        _live: &Live,
+        s1: &S1Ctx,
+        s2: Option<&S2Config>,
+        idx: u32,
+    ) -> Result<crate::cd::CdConfig, Fail> {
+        if let Some(cd) = self.tcu.read().cd.get(&(txn.sid, idx)).copied() {
+            inc(&self.counters.cfg_hits);
+            return Ok(cd);
+        }
+        inc(&self.counters.cfg_misses);
+        let gen0 = self.tcu.read().cfg_gen;
+        inc(&self.counters.cd_fetches);
+        let bad_ssid = || {
+            Fail::Fault(XFault {
+                ssid_override: Some(idx),
+                ..XFault::config(EventType::CBadSubstreamid)
+            })
+        };
+        let cd_addr = if s1.cdmax == 0 || s1.fmt == 0 {
+            s1.context_ptr + u64::from(idx) * 64
+        } else {
+            let leaf_bits = if s1.fmt == 1 { 6 } else { 10 };
+            let l1_addr = s1.context_ptr + (u64::from(idx) >> leaf_bits) * 8;
+            let l1 = L1Cd::from_bits(self.cd_read(s2, l1_addr)?);
+            if !l1.v() {
+                return Err(bad_ssid());
+            }
+            let l2 = l1.l2ptr() << 12;
+            // An L2Ptr beyond the OAS (stage 1 only) is C_BAD_SUBSTREAMID (IHI0070 3.4.3).
+            if s2.is_none() && l2 >> self.cfg.oas_bits != 0 {
+                return Err(bad_ssid());
+            }
+            l2 + (u64::from(idx) & ((1 << leaf_bits) - 1)) * 64
+        };
+        let mut d = [0u64; 8];
+        // The CD is 64 bytes, naturally aligned: one stage-2 translation covers it.
+        let pa = match s2 {
+            Some(s2) => {
+                self.s2_translate(
+                    s2,
+                    cd_addr,
+                    Access::new(AccessKind::Read, true),
+                    FaultClass::Cd,
+                )?
+                .pa
+            }
+            None => cd_addr,
+        };
+        for (i, w) in d.iter_mut().enumerate() {
+            let a = pa + 8 * i as u64;
+            *w = self
+                .mem
+                .read_u64(a)
+                .map_err(|_| Fail::Fault(XFault::fetch(EventType::FCdFetch, a)))?;
+        }
+        let world = if s1.world == StreamWorld::El2 {
+            StreamWorld::El2
+        } else {
+            StreamWorld::NsEl1
+        };
+        let cd = decode_cd(&ContextDescriptor::from_dwords(d), world, &self.cfg)
+            .map_err(|_| Fail::Fault(XFault::config(EventType::CBadCd)))?;
+        let mut t = self.tcu.write();
+        if t.cfg_gen == gen0 {
+            if t.ste.len() + t.cd.len() >= self.cfg.cfg_cache_capacity
+                && let Some(k) = t.cd.keys().next().copied()
+            {
+                t.cd.remove(&k);
+            }
+            t.cd.insert((txn.sid, idx), cd);
+        }
+        Ok(cd)
+    }
+
+    /// A stage-1 fault under the CD's recording, stall and termination rules.
+    fn s1_fault(&self, sel: &S1Sel, f: twinmmu_vmsa::Fault) -> Fail {
+        if let FaultKind::ExternalAbort { fetch_addr } = f.kind {
+            // A stage-1 walk abort: S2 = 0, CLASS = TT (IHI0070 7.3.12); always recorded.
+            return Fail::Fault(XFault {
+                class: FaultClass::Tt,
+                ..XFault::fetch(EventType::FWalkEabt, fetch_addr)
+            });
+        }
+        let may_stall = match self.cfg.stall_model {
+            StallModel::TerminateOnly => false,
+            StallModel::StallForced => true,
+            StallModel::StallAndTerminate => sel.cd.stall && !sel.stalld,
+        };
+        Fail::Fault(XFault {
+            event: event_of(f.kind),
+            s2: false,
+            class: FaultClass::In,
+            ipa: 0,
+            fetch_addr: 0,
+            ttrnw: false,
+            ssid_override: None,
+            record: sel.cd.record,
+            may_stall,
+            termination: if sel.cd.abort {
+                Termination::Abort
+            } else {
+                Termination::RazWi
+            },
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn s1_translate(
+        &self,
+        txn: &Transaction,
+        sel: &S1Sel,
+        s2: Option<&S2Config>,
+        vmid: u16,
+        access: Access,
+        (privcfg, instcfg): (AttrOverride, AttrOverride),
+        want_fill: bool,
+    ) -> Result<Resolved, Fail> {
+        let va = txn.addr;
+        // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
+        // with the canonical address, so tagged and untagged accesses share them and a TLBI
+        // by untagged VA finds them.
+        let tbi = if (va >> 55) & 1 == 1 {
+            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1)
+        } else {
+            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0)
+        };
+        let key_va = if tbi {
+            (((va << 8) as i64) >> 8) as u64
+        } else {
+            va
+        };
+        let kind = if s2.is_some() { Kind::Nested } else { Kind::S1 };
+        // EL2 (non-E2H) entries have no ASID; NS-EL1 entries carry the VMID.
+        let (vm, asid) = match sel.world {
+            World::NsEl1 => (vmid, Some(sel.cd.asid)),
+            World::El2 => (0, None),
+            World::El2E2h => (0, Some(sel.cd.asid)),
+        };
+        let ctx = Ctx::new(sel.world, kind, vm, asid, sel.cd.aset);
+        let cached = self.tlb.read().lookup(ctx, key_va);
+        let entry = match cached {
+            Some(e) => {
+                inc(&self.counters.tlb_hits);
+                e
+            }
+            None => {
+                inc(&self.counters.tlb_misses);
+                self.s1_walk(va, key_va, sel, s2, ctx)?
+            }
+        };
+        // Permissions: stage 1 first, then stage 2 (IHI0070 3.3.3); a stage-2 permission
+        // fault on the output is CLASS = IN with the IPA.
+        if let Some((p, ctl, level)) = entry.perms.s1
+            && check_s1(p, access, ctl).is_err()
+        {
+            return Err(self.s1_fault(
+                sel,
+                twinmmu_vmsa::Fault::new(FaultKind::Permission, level, Stage::Stage1),
+            ));
+        }
+        if let (Some((p, level, _)), Some(s2)) = (entry.perms.s2, s2)
+            && check_s2(p, access).is_err()
+        {
+            let ipa = entry.ipa_base | (va & (entry.size() - 1));
+            return Err(self.s2_fault(
+                s2,
+                twinmmu_vmsa::Fault::new(FaultKind::Permission, level, Stage::Stage2),
+                ipa,
+                FaultClass::In,
+            ));
+        }
+        Ok(Resolved {
+            pa: entry.output(va),
+            fill: want_fill.then(|| Fill {
+                in_base: entry.in_base,
+                shift: entry.shift,
+                out_base: entry.out_base,
+                allowed: allowed_mask(&entry.perms, privcfg, instcfg),
+            }),
+        })
+    }
+
+    /// Walks stage 1 (and stage 2 for every table address and the output, when nested),
+    /// inserts the resulting entry and returns it. Permission checks are the caller's.
+    fn s1_walk(
+        &self,
+        va: u64,
+        key_va: u64,
+        sel: &S1Sel,
+        s2: Option<&S2Config>,
+        ctx: Ctx,
+    ) -> Result<TlbEntry, Fail> {
+        let gen0 = self.tlb_gen.load(Ordering::Acquire);
+        inc(&self.counters.walks_s1);
+        let start = match select_ttb(&sel.cd.walk, va) {
+            Ok((_, region)) => Some(region.geometry.start_level()),
+            Err(_) => None,
+        };
+        let mem = WalkMem(&*self.mem);
+        let w = match s2 {
+            None => {
+                walk_stage1(&sel.cd.walk, &mem, &mut twinmmu_vmsa::Direct, va).map_err(
+                    |e| match e {
+                        WalkError::Fault(f) => Ok(f),
+                        WalkError::TableFetch { error, .. } => match error {},
+                    },
+                )
+            }
+            Some(s2c) => {
+                let mut hook = |ipa: u64, _level: u8| -> Result<u64, Fail> {
+                    // Each stage-1 table address is an IPA translated by stage 2: CLASS = TT
+                    // (IHI0070 3.3.3, 7.3.13).
+                    let h = self.s2_translate(
+                        s2c,
+                        ipa,
+                        Access::new(AccessKind::Read, true),
+                        FaultClass::Tt,
+                    )?;
+                    // STE.S2PTW: a walk access to Device memory is a stage-2 Permission
+                    // fault (IHI0070 5.2 S2PTW).
+                    if s2c.ptw && h.device {
+                        return Err(self.s2_fault(
+                            s2c,
+                            twinmmu_vmsa::Fault::new(FaultKind::Permission, h.level, Stage::Stage2),
+                            ipa,
+                            FaultClass::Tt,
+                        ));
+                    }
+                    Ok(h.pa)
+                };
+                walk_stage1(&sel.cd.walk, &mem, &mut hook, va).map_err(|e| match e {
+                    WalkError::Fault(f) => Ok(f),
+                    WalkError::TableFetch { error, .. } => Err(error),
+                })
+            }
+        };
+        let last = match &w {
+            Ok(t) => Some(t.level),
+            Err(Ok(f)) => Some(f.level),
+            Err(Err(_)) => None,
+        };
+        if let (Some(start), Some(last)) = (start, last) {
+            for l in start..=last.min(3) {
+                inc(&self.counters.desc_reads[usize::from(l)]);
+            }
+        }
+        let t = match w {
+            Ok(t) => t,
+            Err(Ok(f)) => return Err(self.s1_fault(sel, f)),
+            Err(Err(fail)) => return Err(fail),
+        };
+        let s1perms: S1Perms = t.perms;
+        let ctl = sel.cd.walk.controls();
+        // Global (nG = 0) entries are tagged with no ASID.
+        let ectx = if t.global { ctx.global() } else { ctx };
+        let e = match s2 {
+            None => TlbEntry {
+                ctx: ectx,
+                in_base: key_va & !(t.block_size() - 1),
+                shift: t.block_shift,
+                out_base: t.output_base(),
+                ipa_base: t.output_base(),
+                tg_shift: t.granule.bits() as u8,
+                perms: EntryPerms {
+                    s1: Some((s1perms, ctl, t.level)),
+                    s2: None,
+                },
+            },
+            Some(s2c) => {
+                // Stage 2 of the output IPA. Its permission check is done on the combined
+                // entry by the caller, so ask for a read the table walk would need anyway
+                // and check the real access later; a read-denied page still caches.
+                let ipa = t.output;
+                let h = self.s2_translate_nocheck(s2c, ipa)?;
+                // Combined size = min(S1, S2) (smmu_kvm.md §4.10).
+                let shift = t.block_shift.min(h.shift);
+                let mask = !((1u64 << shift) - 1);
+                TlbEntry {
+                    ctx: ectx,
+                    in_base: key_va & mask,
+                    shift,
+                    out_base: h.pa & mask,
+                    ipa_base: ipa & mask,
+                    tg_shift: t.granule.bits() as u8,
+                    perms: EntryPerms {
+                        s1: Some((s1perms, ctl, t.level)),
+                        s2: Some((h.perms, h.level, h.device)),
+                    },
+                }
+            }
+        };
+        self.tlb_insert(e, gen0);
+        Ok(e)
+    }
+
+    /// Stage 2 of a nested stage-1 output (CLASS = IN) without the permission check.
+    fn s2_translate_nocheck(&self, s2: &S2Config, ipa: u64) -> Result<S2Hit, Fail> {
+        // An access every S2 descriptor grants for the purpose of the lookup is not
+        // expressible, so look up and walk directly.
+        let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
+        if let Some(e) = self.tlb.read().lookup(ctx, ipa) {
+            inc(&self.counters.tlb_hits);
+            let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
+            return Ok(S2Hit {
+                pa: e.output(ipa),
+                in_base: e.in_base,
+                shift: e.shift,
+                out_base: e.out_base,
+                perms,
+                level,
+                device,
+                tg_shift: e.tg_shift,
+            });
+        }
+        inc(&self.counters.tlb_misses);
+        let gen0 = self.tlb_gen.load(Ordering::Acquire);
+        inc(&self.counters.walks_s2);
+        let start = s2.walk.geometry().start_level();
+        let w = walk_stage2(&s2.walk, &WalkMem(&*self.mem), ipa);
+        if let Some(last) = match &w {
+            Ok(t) => Some(t.level),
+            Err(f) if !(f.kind == FaultKind::Translation && ipa >> s2.ia_bits() != 0) => {
+                Some(f.level)
+            }
+            Err(_) => None,
+        } {
+            for l in start..=last.min(3) {
+                inc(&self.counters.desc_reads[4 + usize::from(l)]);
+            }
+        }
+        let t = w.map_err(|f| self.s2_fault(s2, f, ipa, FaultClass::In))?;
+        let device = t.attrs.mem_attr & 0b1100 == 0;
+        let h = S2Hit {
+            pa: t.output,
+            in_base: t.input_base(),
+            shift: t.block_shift,
+            out_base: t.output_base(),
+            perms: t.perms,
+            level: t.level,
+            device,
+            tg_shift: t.granule.bits() as u8,
+        };
+        self.tlb_insert(
+            TlbEntry {
+                ctx,
+                in_base: h.in_base,
+                shift: h.shift,
+                out_base: h.out_base,
+                ipa_base: h.in_base,
+                tg_shift: h.tg_shift,
+                perms: EntryPerms {
+                    s1: None,
+                    s2: Some((h.perms, h.level, h.device)),
+                },
+            },
+            gen0,
+        );
+        Ok(h)
+    }
+}
+
+fn terminated(s: &Stalled, t: Termination) -> StallResult {
+    match (&s.op, t) {
+        (PendingOp::Read { len }, Termination::RazWi) => StallResult::Read(vec![0; *len]),
+        (PendingOp::Write { .. }, Termination::RazWi) => StallResult::Written,
+        (_, t) => StallResult::Failed(DmaError::Fault {
+            event: s.event,
+            recorded: true,
+            termination: t,
+        }),
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Smmu>();
+}

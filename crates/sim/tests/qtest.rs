@@ -1,0 +1,140 @@
+//! Runs `twinmmu qtest` as a process: the README example script, and malformed input.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn run(script: &str, config: Option<&str>) -> Vec<String> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinmmu"));
+    cmd.arg("qtest");
+    let dir = std::env::temp_dir().join(format!("twinmmu-qtest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    if let Some(c) = config {
+        let p = dir.join(format!("cfg-{}.toml", c.len()));
+        std::fs::write(&p, c).unwrap();
+        cmd.arg("--config").arg(p);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_example_script_translates_and_moves_bytes() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/qtest-s1-dma.qtest"
+    );
+    let script = std::fs::read_to_string(path).unwrap();
+    let answers = run(&script, None);
+    let commands: Vec<&str> = script
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(answers.len(), commands.len(), "one answer per command");
+    let answer = |cmd: &str| -> &str {
+        let i = commands.iter().position(|c| *c == cmd).unwrap();
+        &answers[i]
+    };
+    assert_eq!(
+        answer("readl 0x09050024"),
+        "OK 0x0000000000000008",
+        "CR0ACK = CMDQEN"
+    );
+    assert_eq!(
+        answer("readl 0x0905009c"),
+        "OK 0x0000000000000003",
+        "CONS caught up"
+    );
+    assert_eq!(answer("dma 1 - 0x80001234 r"), "OK 0x0000000040100234");
+    assert_eq!(answer("dmaread 1 - 0x80001000 4"), "OK 0xdeadbeef");
+    assert_eq!(answer("dmawrite 1 - 0x80001010 0x01020304"), "OK");
+    assert_eq!(answer("read 0x40100010 4"), "OK 0x01020304");
+    assert_eq!(answer("dma 1 - 0x90000000 r"), "FAULT F_TRANSLATION");
+    assert_eq!(
+        answer("readl 0x090600a8"),
+        "OK 0x0000000000000001",
+        "EVENTQ_PROD"
+    );
+    // The record: F_TRANSLATION (0x10) for StreamID 1, InputAddr 0x90000000.
+    assert_eq!(answer("readq 0x40020000"), "OK 0x0000000100000010");
+    assert_eq!(answer("readq 0x40020010"), "OK 0x0000000090000000");
+    assert_eq!(answer("tlbi VAE1IS vmid=0 asid=1 addr=0x80001000"), "OK");
+    let stats = answers.last().unwrap();
+    assert!(stats.starts_with("OK translations="), "{stats}");
+    assert!(stats.contains(" events=1 "), "{stats}");
+    assert!(stats.contains(" broadcasts=1 "), "{stats}");
+    assert!(answers.iter().all(|a| !a.starts_with("ERR")), "{answers:?}");
+}
+
+#[test]
+fn malformed_lines_answer_err_and_the_session_goes_on() {
+    let script = "\
+bogus 1 2
+writel
+writel 0x40000000 zzz
+readb 0x09050000
+read 0x40000000 0x7fffffffffffffff
+write 0x40000000 2 0x123
+memset 0x0 16 0
+dma 1 - 0x1000 q
+dma 99999999999 - 0 r
+tlbi NOPE
+tlbi VAE1IS num=1
+tlbi RVAE1IS tg=7
+readq 0x10
+   # only a comment
+
+writel 0x40000000 0x12345678 # trailing comment
+readl 0x40000000
+dma 5 - 0x1000 r
+stats
+";
+    let a = run(script, None);
+    assert_eq!(a.len(), 17, "{a:?}");
+    for (i, line) in a.iter().enumerate().take(13) {
+        assert!(line.starts_with("ERR "), "line {i}: {line}");
+    }
+    assert_eq!(a[13], "OK");
+    assert_eq!(a[14], "OK 0x0000000012345678");
+    // SMMUEN = 0 and GBPA.ABORT = 0: bypass.
+    assert_eq!(a[15], "OK 0x0000000000001000");
+    assert!(a[16].starts_with("OK "));
+}
+
+#[test]
+fn config_file_moves_the_map() {
+    let cfg =
+        "smmu_base = 0x2000000\nram_base = 0x80000000\nram_size = 0x100000\n[smmu]\nhyp = false\n";
+    let a = run(
+        "readl 0x2000000\nwritel 0x80000010 7\nreadl 0x80000010\nreadl 0x40000000\n",
+        Some(cfg),
+    );
+    assert!(a[0].starts_with("OK 0x"), "{a:?}");
+    let idr0 = u64::from_str_radix(a[0].trim_start_matches("OK 0x"), 16).unwrap();
+    assert_eq!(idr0 & (1 << 9), 0, "HYP off from the config");
+    assert_eq!(a[1], "OK");
+    assert_eq!(a[2], "OK 0x0000000000000007");
+    assert!(a[3].starts_with("ERR"), "old RAM base is not memory");
+}
