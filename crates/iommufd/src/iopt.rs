@@ -163,7 +163,7 @@ impl Iopt {
         {
             return Some(k);
         }
-        if start == u64::MAX {
+        if start >= last {
             return None;
         }
         self.areas.range(start + 1..=last).next().map(|(&k, _)| k)
@@ -190,7 +190,7 @@ impl Iopt {
         {
             return true;
         }
-        start != u64::MAX && self.allowed.range(start + 1..=last).next().is_some()
+        start < last && self.allowed.range(start + 1..=last).next().is_some()
     }
 
     /// `iopt_reserve_iova`: EADDRINUSE if an area or an allowed range meets it.
