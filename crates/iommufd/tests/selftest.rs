@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use common::*;
@@ -1557,5 +1558,1655 @@ variant_tests!(
         ioas_iova_alloc,
         copy_sweep,
         reserved_overflow
+    ]
+);
+
+// ---------------------------------------------------------------------------------------
+// FIXTURE(iommufd_mock_domain): an IOAS with one or two mock domains; hugepage variants use a
+// 2 × HUGEPAGE buffer and HUGE_IOVA devices (1 MiB mock pages), file variants MAP_FILE.
+mod iommufd_mock_domain {
+    use super::*;
+
+    pub struct Variant {
+        mock_domains: usize,
+        hugepages: bool,
+        file: bool,
+    }
+    impl Variant {
+        pub fn one_domain() -> Variant {
+            Variant {
+                mock_domains: 1,
+                hugepages: false,
+                file: false,
+            }
+        }
+        pub fn two_domains() -> Variant {
+            Variant {
+                mock_domains: 2,
+                hugepages: false,
+                file: false,
+            }
+        }
+        pub fn one_domain_hugepage() -> Variant {
+            Variant {
+                mock_domains: 1,
+                hugepages: true,
+                file: false,
+            }
+        }
+        pub fn two_domains_hugepage() -> Variant {
+            Variant {
+                mock_domains: 2,
+                hugepages: true,
+                file: false,
+            }
+        }
+        pub fn one_domain_file() -> Variant {
+            Variant {
+                mock_domains: 1,
+                hugepages: false,
+                file: true,
+            }
+        }
+        pub fn one_domain_file_hugepage() -> Variant {
+            Variant {
+                mock_domains: 1,
+                hugepages: true,
+                file: true,
+            }
+        }
+    }
+
+    pub struct F {
+        pub env: Env,
+        pub v: Variant,
+        pub ioas_id: ObjectId,
+        pub stdev_ids: Vec<ObjectId>,
+        pub hwpt_ids: Vec<ObjectId>,
+        pub dev_flags: u32,
+        pub buf: u64,
+        pub buf_size: u64,
+    }
+    impl F {
+        pub fn teardown(self) {
+            self.env.teardown();
+        }
+        fn src(&self, addr: u64) -> MapSource {
+            if self.v.file {
+                self.env.file_src(addr)
+            } else {
+                self.env.src(addr)
+            }
+        }
+        fn map_auto(&self, addr: u64, len: u64) -> Result<u64, Errno> {
+            self.env
+                .ictx
+                .ioas_map(RW, self.ioas_id, self.src(addr), len, 0)
+        }
+        fn check_map_all(&self, iova: u64, len: u64, pa: u64) {
+            for &h in &self.hwpt_ids {
+                mock::md_check_map(&self.env.ictx, h, iova, len, pa).unwrap();
+            }
+        }
+    }
+
+    pub fn setup(v: Variant) -> F {
+        let mut env = Env::new();
+        let (buf, buf_size) = if v.hugepages {
+            (BUFFER, 2 * HPAGE_SIZE)
+        } else {
+            (BUFFER, BUFFER_SIZE)
+        };
+        if v.file {
+            // The memfd: file offsets 0..buf_size are the buffer's pages.
+            env.file = Arc::new(FileBacking(PhysBacking::new(
+                Arc::clone(&env.mem),
+                0,
+                buf + buf_size,
+            )));
+        }
+        let dev_flags = if v.hugepages {
+            MOCK_FLAGS_DEVICE_HUGE_IOVA
+        } else {
+            0
+        };
+        let ioas_id = env.ioas();
+        let mut stdev_ids = Vec::new();
+        let mut hwpt_ids = Vec::new();
+        for _ in 0..v.mock_domains {
+            let (d, _) = env.mock_domain(ioas_id, dev_flags).unwrap();
+            stdev_ids.push(d.stdev_id);
+            hwpt_ids.push(d.hwpt_id);
+        }
+        F {
+            env,
+            v,
+            ioas_id,
+            stdev_ids,
+            hwpt_ids,
+            dev_flags,
+            buf,
+            buf_size,
+        }
+    }
+
+    pub fn basic(f: &F) {
+        let c = &f.env.ictx;
+        // Simple one page map.
+        let iova = f.map_auto(f.buf, PAGE_SIZE).unwrap();
+        f.check_map_all(iova, PAGE_SIZE, f.buf);
+        if f.v.file {
+            // MAP_FILE past the end of the memfd: EINVAL once pinned.
+            let past = f.buf + f.buf_size - PAGE_SIZE;
+            assert_eq!(f.map_auto(past, 2 * PAGE_SIZE), Err(Errno::EINVAL));
+        } else {
+            // EFAULT half way through the mapping, and when the whole buffer is gone.
+            let b = f.buf + 64 * f.buf_size;
+            f.env.user.punch_hole(b + f.buf_size / 2, f.buf_size / 2);
+            assert_eq!(f.map_auto(b, f.buf_size), Err(Errno::EFAULT));
+            f.env.user.punch_hole(b, f.buf_size);
+            assert_eq!(f.map_auto(b, f.buf_size), Err(Errno::EFAULT));
+        }
+        // Nothing of the failed maps stayed.
+        assert_eq!(c.ioas_areas(f.ioas_id).unwrap(), vec![(iova, PAGE_SIZE)]);
+    }
+
+    pub fn ro_unshare(f: &F) {
+        let c = &f.env.ictx;
+        // A read-only mapping of read-only memory pins for reading only.
+        let ro = Arc::new(PhysBacking::read_only(
+            Arc::clone(&f.env.mem),
+            f.buf,
+            PAGE_SIZE,
+        ));
+        let src = MapSource {
+            backing: ro.clone() as Arc<dyn Backing>,
+            addr: f.buf,
+        };
+        let iova = c
+            .ioas_map(map_flags::READABLE, f.ioas_id, src.clone(), PAGE_SIZE, 0)
+            .unwrap();
+        f.check_map_all(iova, PAGE_SIZE, f.buf);
+        assert_eq!(ro.pin_count(f.buf), 1);
+        // Writing the page does not change the translation.
+        f.env.mem.write_phys(f.buf, &[0xaa; 16]).unwrap();
+        f.check_map_all(iova, PAGE_SIZE, f.buf);
+        // Asking for a writeable mapping of it fails when pinned (EFAULT).
+        assert_eq!(
+            c.ioas_map(RW, f.ioas_id, src, PAGE_SIZE, 0),
+            Err(Errno::EFAULT)
+        );
+        c.ioas_unmap(f.ioas_id, iova, PAGE_SIZE).unwrap();
+        assert_eq!(ro.total_pins(), 0);
+    }
+
+    fn sweep_steps(f: &F) -> u64 {
+        if f.v.hugepages {
+            64 * MOCK_IO_PAGE_SIZE
+        } else {
+            MOCK_IO_PAGE_SIZE
+        }
+    }
+
+    pub fn all_aligns(f: &F) {
+        let c = &f.env.ictx;
+        let step = sweep_steps(f);
+        let mut start = 0;
+        while start < f.buf_size {
+            let mut end = start + MOCK_IO_PAGE_SIZE;
+            while end <= f.buf_size {
+                let len = end - start;
+                let iova = f.map_auto(f.buf + start, len).unwrap();
+                f.check_map_all(iova, len, f.buf + start);
+                if !f.v.file {
+                    f.env.check_refs(f.buf + start, len, 1);
+                }
+                assert_eq!(c.ioas_unmap(f.ioas_id, iova, len), Ok(len));
+                if !f.v.file {
+                    f.env.check_refs(f.buf + start, len, 0);
+                }
+                end += step;
+            }
+            start += step;
+        }
+    }
+
+    pub fn all_aligns_copy(f: &F) {
+        let c = &f.env.ictx;
+        let step = sweep_steps(f) * 2;
+        let mut start = 0;
+        while start < f.buf_size {
+            let mut end = start + MOCK_IO_PAGE_SIZE;
+            while end <= f.buf_size {
+                let len = end - start;
+                let iova = f.map_auto(f.buf + start, len).unwrap();
+                // Add and destroy a domain while the area is present.
+                let (d, _) = f.env.mock_domain(f.ioas_id, f.dev_flags).unwrap();
+                mock::md_check_map(c, d.hwpt_id, iova, len, f.buf + start).unwrap();
+                if !f.v.file {
+                    f.env.check_refs(f.buf + start, len, 1);
+                }
+                c.destroy(d.stdev_id).unwrap();
+                c.ioas_unmap(f.ioas_id, iova, len).unwrap();
+                end += step;
+            }
+            start += step;
+        }
+    }
+
+    pub fn user_copy(f: &F) {
+        let c = &f.env.ictx;
+        // Pin the pages in an IOAS with no domains, then copy to an IOAS with domains.
+        let ioas = f.env.ioas();
+        let a = MockAccess::create(c, ioas, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES).unwrap();
+        f.env
+            .map_fixed(ioas, f.buf, BUFFER_SIZE, MOCK_APERTURE_START)
+            .unwrap();
+        let (item, _) = a.pin_pages(0, MOCK_APERTURE_START, BUFFER_SIZE).unwrap();
+        let dst = c
+            .ioas_copy(RW, f.ioas_id, ioas, BUFFER_SIZE, 0, MOCK_APERTURE_START)
+            .unwrap();
+        f.check_map_all(dst, BUFFER_SIZE, f.buf);
+        // Shared pages: still one pin each.
+        f.env.check_refs(f.buf, BUFFER_SIZE, 1);
+        // Move the access to the IOAS with domains.
+        a.destroy_pages(item).unwrap();
+        a.replace_ioas(f.ioas_id).unwrap();
+        let (_, pas) = a.pin_pages(0, dst, BUFFER_SIZE).unwrap();
+        assert_eq!(pas[0], f.buf);
+        assert_eq!(a.replace_ioas(ObjectId(999)), Err(Errno::ENOENT));
+        a.replace_ioas(ioas).unwrap();
+        assert_eq!(a.items(), 0, "replace released the pins of the old IOAS");
+        a.close().unwrap();
+        c.destroy(ioas).unwrap();
+        f.env.check_refs(f.buf, BUFFER_SIZE, 1);
+    }
+
+    pub fn replace(f: &F) {
+        let c = &f.env.ictx;
+        let ioas = f.env.ioas();
+        let stdev = f.stdev_ids[0];
+        let dev = c.selftest_device(stdev).unwrap();
+        assert_eq!(c.selftest_device(ObjectId(999)), Err(Errno::ENOENT));
+        assert_eq!(c.selftest_device(f.ioas_id), Err(Errno::EINVAL));
+        // Replace to a new IOAS: a new auto domain there.
+        let h = c.replace(dev, NO_PASID, ioas).unwrap();
+        assert!(c.hwpt_is_auto(h));
+        assert_ne!(h, f.hwpt_ids[0]);
+        // Replacing back creates a new auto domain in the first IOAS if the old one died.
+        let h2 = c.replace(dev, NO_PASID, f.ioas_id).unwrap();
+        if f.v.mock_domains == 1 {
+            // The old auto domain died with its last attachment; its ID is reused.
+            assert_eq!(h2, f.hwpt_ids[0]);
+            assert!(c.hwpt_is_auto(h2));
+        } else {
+            assert_eq!(h2, f.hwpt_ids[1], "shares the other device's auto domain");
+        }
+        assert_eq!(
+            c.object_type(h),
+            None,
+            "auto domain destroyed with its last user"
+        );
+        assert_eq!(c.replace(dev, NO_PASID, ObjectId(999)), Err(Errno::ENOENT));
+        assert_eq!(c.replace(dev, NO_PASID, stdev), Err(Errno::EINVAL));
+        c.destroy(ioas).unwrap();
+    }
+
+    pub fn alloc_hwpt(f: &F) {
+        let c = &f.env.ictx;
+        for &stdev in &f.stdev_ids {
+            let dev = c.selftest_device(stdev).unwrap();
+            let h = c
+                .hwpt_alloc(0, dev, f.ioas_id, &mut none_data(), ObjectId(0))
+                .unwrap();
+            assert_eq!(
+                c.hwpt_alloc(1 << 6, dev, f.ioas_id, &mut none_data(), ObjectId(0)),
+                Err(Errno::EOPNOTSUPP)
+            );
+            // Driver data on a paging HWPT: the mock refuses any.
+            let mut b = [0u8; 4];
+            assert_eq!(
+                c.hwpt_alloc(0, dev, f.ioas_id, &mut sdata(&mut b), ObjectId(0)),
+                Err(Errno::EOPNOTSUPP)
+            );
+            // FAULT_ID_VALID with NEST_PARENT.
+            assert_eq!(
+                c.hwpt_alloc(
+                    hwpt_flags::FAULT_ID_VALID | hwpt_flags::NEST_PARENT,
+                    dev,
+                    f.ioas_id,
+                    &mut none_data(),
+                    ObjectId(0)
+                ),
+                Err(Errno::EOPNOTSUPP)
+            );
+            // FAULT_ID_VALID with a bad fault id: ENOENT, nothing left behind.
+            let before = c.object_count();
+            assert_eq!(
+                c.hwpt_alloc(
+                    hwpt_flags::FAULT_ID_VALID,
+                    dev,
+                    f.ioas_id,
+                    &mut none_data(),
+                    h
+                ),
+                Err(Errno::ENOENT)
+            );
+            assert_eq!(c.object_count(), before);
+            // Do a hw_pagetable rotation test.
+            c.replace(dev, NO_PASID, h).unwrap();
+            assert_eq!(c.destroy(h), Err(Errno::EBUSY));
+            c.replace(dev, NO_PASID, f.ioas_id).unwrap();
+            c.destroy(h).unwrap();
+        }
+        assert_eq!(
+            c.hwpt_alloc(0, ObjectId(999), f.ioas_id, &mut none_data(), ObjectId(0)),
+            Err(Errno::ENOENT)
+        );
+    }
+}
+variant_tests!(
+    iommufd_mock_domain,
+    one_domain,
+    [
+        basic,
+        ro_unshare,
+        all_aligns,
+        all_aligns_copy,
+        user_copy,
+        replace,
+        alloc_hwpt
+    ]
+);
+variant_tests!(
+    iommufd_mock_domain,
+    two_domains,
+    [
+        basic,
+        ro_unshare,
+        all_aligns,
+        all_aligns_copy,
+        user_copy,
+        replace,
+        alloc_hwpt
+    ]
+);
+variant_tests!(
+    iommufd_mock_domain,
+    one_domain_hugepage,
+    [
+        basic,
+        ro_unshare,
+        all_aligns,
+        all_aligns_copy,
+        user_copy,
+        replace,
+        alloc_hwpt
+    ]
+);
+variant_tests!(
+    iommufd_mock_domain,
+    two_domains_hugepage,
+    [
+        basic,
+        ro_unshare,
+        all_aligns,
+        all_aligns_copy,
+        user_copy,
+        replace,
+        alloc_hwpt
+    ]
+);
+variant_tests!(
+    iommufd_mock_domain,
+    one_domain_file,
+    [basic, all_aligns, all_aligns_copy, replace, alloc_hwpt]
+);
+variant_tests!(
+    iommufd_mock_domain,
+    one_domain_file_hugepage,
+    [basic, all_aligns, replace, alloc_hwpt]
+);
+
+// ---------------------------------------------------------------------------------------
+// FIXTURE(iommufd_dirty_tracking): a buffer of the variant's size, a mock domain (1 MiB
+// mock pages in the huge variants).
+mod iommufd_dirty_tracking {
+    use super::*;
+
+    pub struct Variant {
+        buffer_size: u64,
+        hugepages: bool,
+    }
+    impl Variant {
+        pub fn domain_dirty8k() -> Variant {
+            Variant {
+                buffer_size: 8 << 10,
+                hugepages: false,
+            }
+        }
+        pub fn domain_dirty16k() -> Variant {
+            Variant {
+                buffer_size: 16 << 10,
+                hugepages: false,
+            }
+        }
+        pub fn domain_dirty64k() -> Variant {
+            Variant {
+                buffer_size: 64 << 10,
+                hugepages: false,
+            }
+        }
+        pub fn domain_dirty128k() -> Variant {
+            Variant {
+                buffer_size: 128 << 10,
+                hugepages: false,
+            }
+        }
+        pub fn domain_dirty320k() -> Variant {
+            Variant {
+                buffer_size: 320 << 10,
+                hugepages: false,
+            }
+        }
+        pub fn domain_dirty64m() -> Variant {
+            Variant {
+                buffer_size: 64 << 20,
+                hugepages: false,
+            }
+        }
+        pub fn domain_dirty128m() -> Variant {
+            Variant {
+                buffer_size: 128 << 20,
+                hugepages: false,
+            }
+        }
+        pub fn domain_dirty64m_huge() -> Variant {
+            Variant {
+                buffer_size: 64 << 20,
+                hugepages: true,
+            }
+        }
+        pub fn domain_dirty128m_huge() -> Variant {
+            Variant {
+                buffer_size: 128 << 20,
+                hugepages: true,
+            }
+        }
+    }
+
+    pub struct F {
+        pub env: Env,
+        pub v: Variant,
+        pub ioas_id: ObjectId,
+        pub stdev_id: ObjectId,
+        pub idev_id: ObjectId,
+    }
+    impl F {
+        pub fn teardown(self) {
+            self.env.teardown();
+        }
+    }
+
+    pub fn setup(v: Variant) -> F {
+        let env = Env::new();
+        let ioas_id = env.ioas();
+        let flags = if v.hugepages {
+            MOCK_FLAGS_DEVICE_HUGE_IOVA
+        } else {
+            0
+        };
+        let (d, _) = env.mock_domain(ioas_id, flags).unwrap();
+        F {
+            env,
+            v,
+            ioas_id,
+            stdev_id: d.stdev_id,
+            idev_id: d.dev_id,
+        }
+    }
+
+    pub fn enforce_dirty(f: &F) {
+        let c = &f.env.ictx;
+        let h = c
+            .hwpt_alloc(
+                hwpt_flags::DIRTY_TRACKING,
+                f.idev_id,
+                f.ioas_id,
+                &mut none_data(),
+                ObjectId(0),
+            )
+            .unwrap();
+        let (d, _) = f.env.mock_domain(h, 0).unwrap();
+        assert_eq!(
+            f.env.mock_domain(h, MOCK_FLAGS_DEVICE_NO_DIRTY).map(|_| ()),
+            Err(Errno::EINVAL)
+        );
+        c.destroy(d.stdev_id).unwrap();
+        c.destroy(h).unwrap();
+        // A device without dirty tracking cannot allocate a dirty HWPT.
+        let ioas = f.env.ioas();
+        let (d, _) = f.env.mock_domain(ioas, MOCK_FLAGS_DEVICE_NO_DIRTY).unwrap();
+        assert_eq!(
+            c.hwpt_alloc(
+                hwpt_flags::DIRTY_TRACKING,
+                d.dev_id,
+                ioas,
+                &mut none_data(),
+                ObjectId(0)
+            ),
+            Err(Errno::EOPNOTSUPP)
+        );
+        c.destroy(d.stdev_id).unwrap();
+    }
+
+    pub fn set_dirty_tracking(f: &F) {
+        let c = &f.env.ictx;
+        let h = c
+            .hwpt_alloc(
+                hwpt_flags::DIRTY_TRACKING,
+                f.idev_id,
+                f.ioas_id,
+                &mut none_data(),
+                ObjectId(0),
+            )
+            .unwrap();
+        let (d, _) = f.env.mock_domain(h, 0).unwrap();
+        c.hwpt_set_dirty_tracking(dirty_flags::ENABLE, h).unwrap();
+        c.hwpt_set_dirty_tracking(dirty_flags::ENABLE, h).unwrap();
+        c.hwpt_set_dirty_tracking(0, h).unwrap();
+        assert_eq!(c.hwpt_set_dirty_tracking(2, h), Err(Errno::EOPNOTSUPP));
+        assert_eq!(c.hwpt_set_dirty_tracking(0, f.ioas_id), Err(Errno::ENOENT));
+        // A HWPT without dirty support.
+        let plain = c
+            .hwpt_alloc(0, f.idev_id, f.ioas_id, &mut none_data(), ObjectId(0))
+            .unwrap();
+        assert_eq!(
+            c.hwpt_set_dirty_tracking(dirty_flags::ENABLE, plain),
+            Err(Errno::EOPNOTSUPP)
+        );
+        c.destroy(plain).unwrap();
+        c.destroy(d.stdev_id).unwrap();
+        c.destroy(h).unwrap();
+    }
+
+    pub fn device_dirty_capability(f: &F) {
+        let c = &f.env.ictx;
+        let ioas = f.env.ioas();
+        let (d, _) = f.env.mock_domain(ioas, 0).unwrap();
+        let r = c.get_hw_info(0, d.dev_id, 0, 0, None).unwrap();
+        assert_eq!(
+            r.out_capabilities & hw_info::CAP_DIRTY_TRACKING,
+            hw_info::CAP_DIRTY_TRACKING
+        );
+        c.destroy(d.stdev_id).unwrap();
+        let (d, _) = f.env.mock_domain(ioas, MOCK_FLAGS_DEVICE_NO_DIRTY).unwrap();
+        let r = c.get_hw_info(0, d.dev_id, 0, 0, None).unwrap();
+        assert_eq!(r.out_capabilities & hw_info::CAP_DIRTY_TRACKING, 0);
+        c.destroy(d.stdev_id).unwrap();
+    }
+
+    /// test_mock_dirty_bitmaps: mark every even mock page dirty, read the bitmap back
+    /// (at `bitmap_off` within a larger buffer), with and without NO_CLEAR.
+    fn mock_dirty_bitmaps(f: &F, h: ObjectId, page_size: u64, bitmap_off: usize, flags: u32) {
+        let c = &f.env.ictx;
+        let size = f.v.buffer_size;
+        let iova = MOCK_APERTURE_START;
+        let nmock = size / MOCK_IO_PAGE_SIZE;
+        let mut marks = vec![0u8; nmock.div_ceil(8) as usize];
+        for i in (0..nmock).step_by(2) {
+            marks[(i / 8) as usize] |= 1 << (i % 8);
+        }
+        let n = mock::dirty(c, h, iova, size, MOCK_IO_PAGE_SIZE, &marks).unwrap();
+        assert_eq!(n, nmock / 2);
+        let nbits = size / page_size;
+        let mut buf = vec![0u8; bitmap_off + nbits.div_ceil(8) as usize];
+        c.hwpt_get_dirty_bitmap(h, flags, iova, size, page_size, &mut buf[bitmap_off..])
+            .unwrap();
+        let bitmap = &buf[bitmap_off..];
+        for i in 0..nbits {
+            let set = bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
+            // A unit is dirty if one of its mock pages is; a dirty 1 MiB mock page makes
+            // every unit inside it dirty.
+            let first_mock = i * page_size / MOCK_IO_PAGE_SIZE;
+            let expect = f.v.hugepages || page_size > MOCK_IO_PAGE_SIZE || first_mock % 2 == 0;
+            assert_eq!(set, expect, "bit {i} page_size {page_size}");
+        }
+        // Read again: cleared unless NO_CLEAR.
+        let mut again = vec![0u8; nbits.div_ceil(8) as usize];
+        c.hwpt_get_dirty_bitmap(h, 0, iova, size, page_size, &mut again)
+            .unwrap();
+        let any = again.iter().any(|&b| b != 0);
+        assert_eq!(any, flags & dirty_flags::NO_CLEAR != 0);
+        let mut third = vec![0u8; nbits.div_ceil(8) as usize];
+        c.hwpt_get_dirty_bitmap(h, 0, iova, size, page_size, &mut third)
+            .unwrap();
+        assert!(third.iter().all(|&b| b == 0));
+    }
+
+    fn dirty_setup(f: &F) -> (ObjectId, ObjectId) {
+        let c = &f.env.ictx;
+        let h = c
+            .hwpt_alloc(
+                hwpt_flags::DIRTY_TRACKING,
+                f.idev_id,
+                f.ioas_id,
+                &mut none_data(),
+                ObjectId(0),
+            )
+            .unwrap();
+        let flags = if f.v.hugepages {
+            MOCK_FLAGS_DEVICE_HUGE_IOVA
+        } else {
+            0
+        };
+        let (d, _) = f.env.mock_domain(h, flags).unwrap();
+        f.env
+            .map_fixed(f.ioas_id, BUFFER, f.v.buffer_size, MOCK_APERTURE_START)
+            .unwrap();
+        c.hwpt_set_dirty_tracking(dirty_flags::ENABLE, h).unwrap();
+        (h, d.stdev_id)
+    }
+
+    pub fn get_dirty_bitmap(f: &F) {
+        let c = &f.env.ictx;
+        let (h, stdev) = dirty_setup(f);
+        for page_size in [MOCK_IO_PAGE_SIZE, PAGE_SIZE] {
+            mock_dirty_bitmaps(f, h, page_size, 0, 0);
+            // PAGE_SIZE unaligned and u64 unaligned bitmaps.
+            mock_dirty_bitmaps(f, h, page_size, MOCK_IO_PAGE_SIZE as usize, 0);
+            mock_dirty_bitmaps(f, h, page_size, 0xff1, 0);
+        }
+        // Errors, in order.
+        let mut bm = vec![0u8; 64];
+        let iova = MOCK_APERTURE_START;
+        assert_eq!(
+            c.hwpt_get_dirty_bitmap(h, 2, iova, PAGE_SIZE, PAGE_SIZE, &mut bm),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            c.hwpt_get_dirty_bitmap(f.ioas_id, 0, iova, PAGE_SIZE, PAGE_SIZE, &mut bm),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            c.hwpt_get_dirty_bitmap(h, 0, u64::MAX, 4, PAGE_SIZE, &mut bm),
+            Err(Errno::EOVERFLOW)
+        );
+        assert_eq!(
+            c.hwpt_get_dirty_bitmap(h, 0, iova + 1, PAGE_SIZE, PAGE_SIZE, &mut bm),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            c.hwpt_get_dirty_bitmap(h, 0, iova, PAGE_SIZE, 0, &mut bm),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            c.hwpt_get_dirty_bitmap(h, 0, iova, MOCK_IO_PAGE_SIZE, PAGE_SIZE, &mut bm),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            c.hwpt_get_dirty_bitmap(h, 0, iova, 1024 * PAGE_SIZE, PAGE_SIZE, &mut bm[..1]),
+            Err(Errno::EFAULT)
+        );
+        // A range not covered by areas: the walk stops, and the ioctl still succeeds.
+        c.hwpt_get_dirty_bitmap(h, 0, iova - PAGE_SIZE, 2 * PAGE_SIZE, PAGE_SIZE, &mut bm)
+            .unwrap();
+        // A HWPT without dirty support.
+        let plain = c
+            .hwpt_alloc(0, f.idev_id, f.ioas_id, &mut none_data(), ObjectId(0))
+            .unwrap();
+        assert_eq!(
+            c.hwpt_get_dirty_bitmap(plain, 0, iova, PAGE_SIZE, PAGE_SIZE, &mut bm),
+            Err(Errno::EOPNOTSUPP)
+        );
+        c.destroy(plain).unwrap();
+        // Tracking off: DIRTY marks nothing (EINVAL).
+        c.hwpt_set_dirty_tracking(0, h).unwrap();
+        assert_eq!(
+            mock::dirty(c, h, iova, PAGE_SIZE, PAGE_SIZE, &[1]),
+            Err(Errno::EINVAL)
+        );
+        c.destroy(stdev).unwrap();
+        c.ioas_unmap(f.ioas_id, 0, u64::MAX).unwrap();
+        c.destroy(h).unwrap();
+    }
+
+    pub fn get_dirty_bitmap_no_clear(f: &F) {
+        let c = &f.env.ictx;
+        let (h, stdev) = dirty_setup(f);
+        for page_size in [MOCK_IO_PAGE_SIZE, PAGE_SIZE] {
+            mock_dirty_bitmaps(f, h, page_size, 0, dirty_flags::NO_CLEAR);
+            mock_dirty_bitmaps(f, h, page_size, 0xff1, dirty_flags::NO_CLEAR);
+        }
+        c.destroy(stdev).unwrap();
+        c.ioas_unmap(f.ioas_id, 0, u64::MAX).unwrap();
+        c.destroy(h).unwrap();
+    }
+}
+variant_tests!(
+    iommufd_dirty_tracking,
+    domain_dirty8k,
+    [
+        enforce_dirty,
+        set_dirty_tracking,
+        device_dirty_capability,
+        get_dirty_bitmap,
+        get_dirty_bitmap_no_clear
+    ]
+);
+variant_tests!(
+    iommufd_dirty_tracking,
+    domain_dirty16k,
+    [
+        enforce_dirty,
+        set_dirty_tracking,
+        device_dirty_capability,
+        get_dirty_bitmap,
+        get_dirty_bitmap_no_clear
+    ]
+);
+variant_tests!(
+    iommufd_dirty_tracking,
+    domain_dirty64k,
+    [
+        enforce_dirty,
+        set_dirty_tracking,
+        device_dirty_capability,
+        get_dirty_bitmap,
+        get_dirty_bitmap_no_clear
+    ]
+);
+variant_tests!(
+    iommufd_dirty_tracking,
+    domain_dirty128k,
+    [
+        enforce_dirty,
+        set_dirty_tracking,
+        device_dirty_capability,
+        get_dirty_bitmap,
+        get_dirty_bitmap_no_clear
+    ]
+);
+variant_tests!(
+    iommufd_dirty_tracking,
+    domain_dirty320k,
+    [
+        enforce_dirty,
+        set_dirty_tracking,
+        device_dirty_capability,
+        get_dirty_bitmap,
+        get_dirty_bitmap_no_clear
+    ]
+);
+variant_tests!(
+    iommufd_dirty_tracking,
+    domain_dirty64m,
+    [
+        enforce_dirty,
+        set_dirty_tracking,
+        device_dirty_capability,
+        get_dirty_bitmap,
+        get_dirty_bitmap_no_clear
+    ]
+);
+variant_tests!(
+    iommufd_dirty_tracking,
+    domain_dirty128m,
+    [
+        enforce_dirty,
+        set_dirty_tracking,
+        device_dirty_capability,
+        get_dirty_bitmap,
+        get_dirty_bitmap_no_clear
+    ]
+);
+variant_tests!(
+    iommufd_dirty_tracking,
+    domain_dirty64m_huge,
+    [
+        enforce_dirty,
+        set_dirty_tracking,
+        device_dirty_capability,
+        get_dirty_bitmap,
+        get_dirty_bitmap_no_clear
+    ]
+);
+variant_tests!(
+    iommufd_dirty_tracking,
+    domain_dirty128m_huge,
+    [
+        enforce_dirty,
+        set_dirty_tracking,
+        device_dirty_capability,
+        get_dirty_bitmap,
+        get_dirty_bitmap_no_clear
+    ]
+);
+
+/// test_cmd_trigger_iopf: trigger one page request and check the fault fd delivers it, then
+/// answer it.
+fn trigger_and_answer_iopf(c: &Iommufd, dev_id: ObjectId, pasid: u32, fault_fd: &FaultFd) {
+    let grpid = 0x2;
+    mock::trigger_iopf(
+        c,
+        dev_id,
+        pasid,
+        grpid,
+        fault::PERM_READ | fault::PERM_WRITE,
+        0xdead_beef_000,
+    )
+    .unwrap();
+    assert!(fault_fd.readable());
+    let mut rec = [0u8; fault::RECORD_SIZE];
+    // Reads must be whole records.
+    assert_eq!(fault_fd.read(&mut rec[..39]), Err(Errno::ESPIPE));
+    assert_eq!(fault_fd.read_at(1, &mut rec), Err(Errno::ESPIPE));
+    assert_eq!(fault_fd.read(&mut rec), Ok(fault::RECORD_SIZE));
+    let mut flags = fault::FLAG_LAST_PAGE;
+    if pasid != 0 {
+        flags |= fault::FLAG_PASID_VALID;
+    }
+    assert_eq!(le32(&rec, 0), flags);
+    assert_eq!(le32(&rec, 4), dev_id.raw());
+    assert_eq!(le32(&rec, 8), pasid);
+    assert_eq!(le32(&rec, 12), grpid);
+    assert_eq!(le32(&rec, 16), fault::PERM_READ | fault::PERM_WRITE);
+    assert_eq!(le64(&rec, 24), 0xdead_beef_000);
+    assert_eq!(le32(&rec, 32), 0);
+    let cookie = le32(&rec, 36);
+    assert_eq!(fault_fd.pending(), (0, 1));
+    // Responses: size multiple of 8, a known cookie, a valid code.
+    let mut resp = cookie.to_le_bytes().to_vec();
+    resp.extend_from_slice(&7u32.to_le_bytes());
+    assert_eq!(fault_fd.write(&resp[..4]), Err(Errno::ESPIPE));
+    assert_eq!(fault_fd.write(&resp), Err(Errno::EINVAL));
+    let mut bad = (cookie + 100).to_le_bytes().to_vec();
+    bad.extend_from_slice(&fault::RESP_SUCCESS.to_le_bytes());
+    assert_eq!(fault_fd.write(&bad), Err(Errno::EINVAL));
+    resp[4..].copy_from_slice(&fault::RESP_SUCCESS.to_le_bytes());
+    assert_eq!(fault_fd.write(&resp), Ok(8));
+    assert_eq!(fault_fd.pending(), (0, 0));
+    let d = c.device_handle(dev_id).unwrap();
+    let m = d.as_any().downcast_ref::<MockDevice>().unwrap();
+    let last = *m.page_responses().last().unwrap();
+    assert_eq!(last.code, fault::RESP_SUCCESS);
+    assert_eq!(last.grpid, grpid);
+    assert_eq!(last.pasid, (pasid != 0).then_some(pasid));
+}
+
+// ---------------------------------------------------------------------------------------
+// FIXTURE(iommufd_viommu): mock domain, NEST_PARENT HWPT, vIOMMU, nested HWPT on it.
+mod iommufd_viommu {
+    use super::*;
+
+    pub struct Variant {
+        viommu: bool,
+    }
+    impl Variant {
+        pub fn no_viommu() -> Variant {
+            Variant { viommu: false }
+        }
+        pub fn mock_viommu() -> Variant {
+            Variant { viommu: true }
+        }
+    }
+
+    pub struct F {
+        pub env: Env,
+        pub ioas_id: ObjectId,
+        pub stdev_id: ObjectId,
+        pub device_id: ObjectId,
+        pub hwpt_id: ObjectId,
+        pub viommu_id: ObjectId,
+        pub nested_hwpt_id: ObjectId,
+    }
+    impl F {
+        pub fn teardown(self) {
+            self.env.teardown();
+        }
+    }
+
+    pub fn setup(v: Variant) -> F {
+        let env = Env::new();
+        let ioas_id = env.ioas();
+        let z = ObjectId(0);
+        let mut f = F {
+            ioas_id,
+            stdev_id: z,
+            device_id: z,
+            hwpt_id: z,
+            viommu_id: z,
+            nested_hwpt_id: z,
+            env,
+        };
+        if v.viommu {
+            let c = &f.env.ictx;
+            let (d, _) = f.env.mock_domain(ioas_id, 0).unwrap();
+            f.stdev_id = d.stdev_id;
+            f.device_id = d.dev_id;
+            f.hwpt_id = c
+                .hwpt_alloc(
+                    hwpt_flags::NEST_PARENT,
+                    d.dev_id,
+                    ioas_id,
+                    &mut none_data(),
+                    z,
+                )
+                .unwrap();
+            f.viommu_id = c
+                .viommu_alloc(
+                    0,
+                    IOMMU_VIOMMU_TYPE_SELFTEST,
+                    d.dev_id,
+                    f.hwpt_id,
+                    &mut none_data(),
+                )
+                .unwrap();
+            let mut b = selftest_data(IOMMU_TEST_IOTLB_DEFAULT);
+            f.nested_hwpt_id = c
+                .hwpt_alloc(0, d.dev_id, f.viommu_id, &mut sdata(&mut b), z)
+                .unwrap();
+        }
+        f
+    }
+
+    pub fn viommu_auto_destroy(_f: &F) {}
+
+    pub fn viommu_negative_tests(f: &F) {
+        let c = &f.env.ictx;
+        let st = IOMMU_VIOMMU_TYPE_SELFTEST;
+        if f.device_id.raw() != 0 {
+            // Invalid hwpt (0).
+            assert_eq!(
+                c.viommu_alloc(0, st, f.device_id, ObjectId(0), &mut none_data()),
+                Err(Errno::ENOENT)
+            );
+            // Not a nesting parent.
+            let h = c
+                .hwpt_alloc(0, f.device_id, f.ioas_id, &mut none_data(), ObjectId(0))
+                .unwrap();
+            assert_eq!(
+                c.viommu_alloc(0, st, f.device_id, h, &mut none_data()),
+                Err(Errno::EINVAL)
+            );
+            c.destroy(h).unwrap();
+            // Unsupported type, DEFAULT type, flags.
+            assert_eq!(
+                c.viommu_alloc(0, 0xdead, f.device_id, f.hwpt_id, &mut none_data()),
+                Err(Errno::EOPNOTSUPP)
+            );
+            assert_eq!(
+                c.viommu_alloc(0, 0, f.device_id, f.hwpt_id, &mut none_data()),
+                Err(Errno::EOPNOTSUPP)
+            );
+            assert_eq!(
+                c.viommu_alloc(1, st, f.device_id, f.hwpt_id, &mut none_data()),
+                Err(Errno::EOPNOTSUPP)
+            );
+            // An IOAS as hwpt_id: ENOENT (typed lookup of a HWPT_PAGING).
+            assert_eq!(
+                c.viommu_alloc(0, st, f.device_id, f.ioas_id, &mut none_data()),
+                Err(Errno::ENOENT)
+            );
+            // Bad data: too short → EINVAL; NULL → EFAULT; wrong... (type is the vIOMMU type).
+            let mut b = [0u8; 4];
+            let mut short = UserData::new(st, &mut b);
+            assert_eq!(
+                c.viommu_alloc(0, st, f.device_id, f.hwpt_id, &mut short),
+                Err(Errno::EINVAL)
+            );
+            let mut null = UserData {
+                data_type: st,
+                len: 24,
+                buf: None,
+            };
+            assert_eq!(
+                c.viommu_alloc(0, st, f.device_id, f.hwpt_id, &mut null),
+                Err(Errno::EFAULT)
+            );
+            assert_eq!(c.destroy(f.hwpt_id), Err(Errno::EBUSY));
+            assert_eq!(c.destroy(f.viommu_id), Err(Errno::EBUSY));
+            // A vIOMMU is not invalidatable without the op... the mock has it: entry_num 0.
+            let mut a = InvalidateArray::new(IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST, 12, 0, &[]);
+            c.hwpt_invalidate(f.viommu_id, &mut a).unwrap();
+            // The vIOMMU pt of another IOMMU instance: EINVAL.
+            let other = MockIommu::new();
+            let dev2 = other.new_device(0).unwrap();
+            let d2 = c.bind_device(dev2, None).unwrap();
+            let mut b = selftest_data(0);
+            assert_eq!(
+                c.hwpt_alloc(0, d2, f.viommu_id, &mut sdata(&mut b), ObjectId(0)),
+                Err(Errno::EINVAL)
+            );
+            assert_eq!(c.vdevice_alloc(f.viommu_id, d2, 5), Err(Errno::EINVAL));
+            c.unbind_device(d2).unwrap();
+            // Nested from a vIOMMU: flags and data.
+            assert_eq!(
+                c.hwpt_alloc(
+                    hwpt_flags::NEST_PARENT,
+                    f.device_id,
+                    f.viommu_id,
+                    &mut sdata(&mut b),
+                    ObjectId(0)
+                ),
+                Err(Errno::EOPNOTSUPP)
+            );
+            assert_eq!(
+                c.hwpt_alloc(0, f.device_id, f.viommu_id, &mut none_data(), ObjectId(0)),
+                Err(Errno::EOPNOTSUPP)
+            );
+        } else {
+            assert_eq!(
+                c.viommu_alloc(0, st, f.device_id, f.hwpt_id, &mut none_data()),
+                Err(Errno::ENOENT)
+            );
+        }
+    }
+
+    pub fn viommu_alloc_nested_iopf(f: &F) {
+        if f.device_id.raw() == 0 {
+            return;
+        }
+        let c = &f.env.ictx;
+        let fault = c.fault_alloc(0).unwrap();
+        assert_eq!(c.fault_alloc(1).map(|_| ()), Err(Errno::EOPNOTSUPP));
+        let mut b = selftest_data(IOMMU_TEST_IOTLB_DEFAULT);
+        assert_eq!(
+            c.hwpt_alloc(
+                hwpt_flags::FAULT_ID_VALID,
+                f.device_id,
+                f.viommu_id,
+                &mut sdata(&mut b),
+                ObjectId(u32::MAX)
+            ),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            c.hwpt_alloc(
+                hwpt_flags::FAULT_ID_VALID | 1 << 31,
+                f.device_id,
+                f.viommu_id,
+                &mut sdata(&mut b),
+                fault.id()
+            ),
+            Err(Errno::EOPNOTSUPP)
+        );
+        let iopf = c
+            .hwpt_alloc(
+                hwpt_flags::FAULT_ID_VALID,
+                f.device_id,
+                f.viommu_id,
+                &mut sdata(&mut b),
+                fault.id(),
+            )
+            .unwrap();
+        // Must allocate a vDEVICE before attaching to a vIOMMU-based nested HWPT.
+        assert_eq!(c.replace(f.device_id, NO_PASID, iopf), Err(Errno::ENOENT));
+        let vdev = c.vdevice_alloc(f.viommu_id, f.device_id, 0x99).unwrap();
+        c.replace(f.device_id, NO_PASID, iopf).unwrap();
+        assert_eq!(c.destroy(iopf), Err(Errno::EBUSY));
+        trigger_and_answer_iopf(c, f.device_id, 0, &fault);
+        // A request left unanswered is answered INVALID when the attachment goes away.
+        mock::trigger_iopf(c, f.device_id, 0, 9, fault::PERM_READ, 0x1000).unwrap();
+        let mut rec = [0u8; 80];
+        assert_eq!(fault.read(&mut rec), Ok(40));
+        mock::trigger_iopf(c, f.device_id, 0, 10, fault::PERM_READ, 0x2000).unwrap();
+        assert_eq!(fault.pending(), (1, 1));
+        c.replace(f.device_id, NO_PASID, f.ioas_id).unwrap();
+        assert_eq!(fault.pending(), (0, 0));
+        let dev = c.device_handle(f.device_id).unwrap();
+        let m = dev.as_any().downcast_ref::<MockDevice>().unwrap();
+        let codes: Vec<(u32, u32)> = m
+            .page_responses()
+            .iter()
+            .map(|r| (r.grpid, r.code))
+            .collect();
+        assert_eq!(
+            &codes[1..],
+            &[(10, fault::RESP_INVALID), (9, fault::RESP_INVALID)]
+        );
+        // With no HWPT with a FAULT attached, a request is answered INVALID at once.
+        mock::trigger_iopf(c, f.device_id, 0, 11, fault::PERM_READ, 0x3000).unwrap();
+        assert_eq!(
+            m.page_responses().last().map(|r| (r.grpid, r.code)),
+            Some((11, fault::RESP_INVALID))
+        );
+        c.destroy(iopf).unwrap();
+        // The fd holds the FAULT object.
+        let fid = fault.id();
+        assert_eq!(c.destroy(fid), Err(Errno::EBUSY));
+        drop(fault);
+        c.destroy(fid).unwrap();
+        c.destroy(vdev).unwrap();
+    }
+
+    pub fn viommu_alloc_with_data(f: &F) {
+        if f.device_id.raw() == 0 {
+            return;
+        }
+        let c = &f.env.ictx;
+        let mut data = [0u8; 24];
+        data[..4].copy_from_slice(&0xbeefu32.to_le_bytes());
+        let v = c
+            .viommu_alloc(
+                0,
+                IOMMU_VIOMMU_TYPE_SELFTEST,
+                f.device_id,
+                f.hwpt_id,
+                &mut UserData::new(IOMMU_VIOMMU_TYPE_SELFTEST, &mut data),
+            )
+            .unwrap();
+        assert_eq!(le32(&data, 4), 0xbeef, "out_data loops back in_data");
+        let (offset, length) = (le64(&data, 8), le64(&data, 16));
+        assert_eq!(length, 2 * PAGE_SIZE);
+        assert_eq!(
+            offset, PAGE_SIZE,
+            "first window after the skipped first page"
+        );
+        // Offset and length cannot be changed.
+        for (len, off) in [
+            (length, offset + PAGE_SIZE),
+            (length, offset + 2 * PAGE_SIZE),
+            (length / 2, offset),
+            (length * 2, offset),
+        ] {
+            assert_eq!(c.mmap(off, len, true, false).map(|_| ()), Err(Errno::ENXIO));
+        }
+        assert_eq!(
+            c.mmap(offset, length + 1, true, false).map(|_| ()),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            c.mmap(offset, length, false, false).map(|_| ()),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            c.mmap(offset, length, true, true).map(|_| ()),
+            Err(Errno::EPERM)
+        );
+        let region = c.mmap(offset, length, true, false).unwrap();
+        let mut word = [0u8; 4];
+        f.env
+            .iommu
+            .memory()
+            .read_phys(region.base_pa(), &mut word)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0xbeef);
+        // The owner of the mmap region is held.
+        assert_eq!(c.destroy(v), Err(Errno::EBUSY));
+        drop(region);
+        c.destroy(v).unwrap();
+        // The window went with its vIOMMU.
+        assert_eq!(
+            c.mmap(offset, length, true, false).map(|_| ()),
+            Err(Errno::ENXIO)
+        );
+    }
+
+    fn read_vevents(q: &VeventqFd, n: usize, virt_id: u32, seq: &mut Option<u32>) {
+        for _ in 0..n {
+            let mut rec = [0u8; 12];
+            // A buffer too small for the record reads nothing.
+            assert_eq!(q.read(&mut rec[..11]), Ok(0));
+            assert_eq!(q.read(&mut rec), Ok(12));
+            assert_eq!(le32(&rec, 0), 0, "flags");
+            let s = le32(&rec, 4);
+            if let Some(prev) = *seq {
+                assert_eq!(s, (prev + 1) & i32::MAX as u32);
+            }
+            *seq = Some(s);
+            assert_eq!(le32(&rec, 8), virt_id);
+        }
+    }
+
+    pub fn vdevice_alloc(f: &F) {
+        let c = &f.env.ictx;
+        if f.device_id.raw() == 0 {
+            assert_eq!(
+                c.vdevice_alloc(f.viommu_id, f.device_id, 0x99),
+                Err(Errno::ENOENT)
+            );
+            return;
+        }
+        let st = IOMMU_VEVENTQ_TYPE_SELFTEST;
+        // Must allocate a vDEVICE before attaching to a nested HWPT.
+        assert_eq!(
+            c.replace(f.device_id, NO_PASID, f.nested_hwpt_id),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            c.veventq_alloc(0, f.viommu_id, st, 0).map(|_| ()),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            c.veventq_alloc(1, f.viommu_id, st, 2).map(|_| ()),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            c.veventq_alloc(0, f.viommu_id, 0, 2).map(|_| ()),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            c.veventq_alloc(0, f.ioas_id, st, 2).map(|_| ()),
+            Err(Errno::ENOENT)
+        );
+        let q = c.veventq_alloc(0, f.viommu_id, st, 2).unwrap();
+        assert_eq!(
+            c.veventq_alloc(0, f.viommu_id, st, 2).map(|_| ()),
+            Err(Errno::EEXIST)
+        );
+        // Any other type is accepted by the core.
+        let q2 = c.veventq_alloc(0, f.viommu_id, 0x1234, 1).unwrap();
+        let mut seq = None;
+        let vdev = c.vdevice_alloc(f.viommu_id, f.device_id, 0x99).unwrap();
+        assert_eq!(
+            mock::trigger_vevent(c, f.device_id),
+            Err(Errno::ENOENT),
+            "not attached yet"
+        );
+        c.replace(f.device_id, NO_PASID, f.nested_hwpt_id).unwrap();
+        mock::trigger_vevent(c, f.device_id).unwrap();
+        assert!(q.readable());
+        read_vevents(&q, 1, 0x99, &mut seq);
+        assert!(!q.readable());
+        assert_eq!(
+            c.vdevice_alloc(f.viommu_id, f.device_id, 0x99),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(
+            c.vdevice_alloc(f.viommu_id, f.device_id, 0x98),
+            Err(Errno::EEXIST),
+            "one vDEVICE per device"
+        );
+        c.replace(f.device_id, NO_PASID, f.ioas_id).unwrap();
+        c.destroy(vdev).unwrap();
+        // Try again with 0x88.
+        let vdev = c.vdevice_alloc(f.viommu_id, f.device_id, 0x88).unwrap();
+        c.replace(f.device_id, NO_PASID, f.nested_hwpt_id).unwrap();
+        // Overflow with three events on a depth of 2: two events and a LOST_EVENTS header.
+        for _ in 0..3 {
+            mock::trigger_vevent(c, f.device_id).unwrap();
+        }
+        read_vevents(&q, 2, 0x88, &mut seq);
+        let mut hdr = [0u8; 16];
+        assert_eq!(q.read(&mut hdr), Ok(8));
+        assert_eq!(le32(&hdr, 0), veventq_type::FLAG_LOST_EVENTS);
+        let lost_seq = le32(&hdr, 4);
+        assert_eq!(Some(lost_seq), seq.map(|s| s + 1));
+        seq = Some(lost_seq);
+        // The overflow is gone after the reads.
+        mock::trigger_vevent(c, f.device_id).unwrap();
+        read_vevents(&q, 1, 0x88, &mut seq);
+        // A vDEVICE of another virt id on a second device works; its own virt id is unique.
+        let (d2, dev2) = f.env.mock_domain(f.ioas_id, 0).unwrap();
+        assert_eq!(
+            c.vdevice_alloc(f.viommu_id, d2.dev_id, 0x88),
+            Err(Errno::EEXIST)
+        );
+        let v2 = c.vdevice_alloc(f.viommu_id, d2.dev_id, 0x77).unwrap();
+        assert_eq!(dev2.viommu_binding(), None);
+        c.destroy(v2).unwrap();
+        c.destroy(d2.stdev_id).unwrap();
+        let qid = q.id();
+        assert_eq!(
+            c.destroy(qid),
+            Err(Errno::EBUSY),
+            "the fd holds the vEVENTQ"
+        );
+        assert_eq!(c.destroy(f.viommu_id), Err(Errno::EBUSY));
+        drop(q);
+        drop(q2);
+        c.replace(f.device_id, NO_PASID, f.ioas_id).unwrap();
+        // No SELFTEST queue any more: TRIGGER_VEVENT is EOPNOTSUPP.
+        c.destroy(qid).unwrap();
+        c.replace(f.device_id, NO_PASID, f.nested_hwpt_id).unwrap();
+        assert_eq!(mock::trigger_vevent(c, f.device_id), Err(Errno::EOPNOTSUPP));
+        c.replace(f.device_id, NO_PASID, f.ioas_id).unwrap();
+        c.destroy(vdev).unwrap();
+    }
+
+    pub fn vdevice_cache(f: &F) {
+        if f.device_id.raw() == 0 {
+            return;
+        }
+        let c = &f.env.ictx;
+        let v = f.viommu_id;
+        let dev = f.device_id;
+        let ty = IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST;
+        let vdev = c.vdevice_alloc(v, dev, 0x99).unwrap();
+        let check = |vals: [u32; 4]| {
+            for (i, &val) in vals.iter().enumerate() {
+                mock::dev_check_cache(c, dev, i as u32, val).unwrap();
+            }
+        };
+        let d = IOMMU_TEST_DEV_CACHE_DEFAULT;
+        check([d; 4]);
+        let run = |entries: &[Vec<u8>], data_type: u32, entry_len: u32| {
+            let bytes = entries.concat();
+            let mut a = InvalidateArray::new(data_type, entry_len, entries.len() as u32, &bytes);
+            let r = c.hwpt_invalidate(v, &mut a);
+            (r, a.entry_num)
+        };
+        // Check data_type with a zero-length array.
+        assert_eq!(run(&[], ty, 12), (Ok(()), 0));
+        // Invalid data_type.
+        assert_eq!(
+            run(
+                &[vinv_entry(0, 0x99, 0)],
+                IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST_INVALID,
+                12
+            ),
+            (Err(Errno::EINVAL), 0)
+        );
+        // Entry longer than the struct with a non-zero tail: E2BIG; a zero tail is fine.
+        let mut long = vinv_entry(0, 0x99, 0);
+        long.push(1);
+        assert_eq!(run(&[long.clone()], ty, 13), (Err(Errno::E2BIG), 0));
+        // Invalid flag.
+        assert_eq!(
+            run(&[vinv_entry(0xffff_ffff, 0x99, 0)], ty, 12),
+            (Err(Errno::EOPNOTSUPP), 0)
+        );
+        // NULL data or zero entry_len with entries.
+        let mut a = InvalidateArray {
+            data_type: ty,
+            entry_len: 12,
+            entry_num: 1,
+            data: None,
+        };
+        assert_eq!(c.hwpt_invalidate(v, &mut a), Err(Errno::EINVAL));
+        assert_eq!(
+            run(&[vinv_entry(0, 0x99, 0)], ty, 0),
+            (Err(Errno::EINVAL), 0)
+        );
+        // Invalid cache_id, invalid vdev_id.
+        assert_eq!(
+            run(&[vinv_entry(0, 0x99, MOCK_DEV_CACHE_ID_MAX + 1)], ty, 12),
+            (Err(Errno::EINVAL), 0)
+        );
+        assert_eq!(
+            run(&[vinv_entry(0, 0x9, 0)], ty, 12),
+            (Err(Errno::EINVAL), 0)
+        );
+        check([d; 4]);
+        // First entry handled, the second has bad flags.
+        assert_eq!(
+            run(
+                &[vinv_entry(0, 0x99, 0), vinv_entry(0xffff_ffff, 0x99, 1)],
+                ty,
+                12
+            ),
+            (Err(Errno::EOPNOTSUPP), 1)
+        );
+        check([0, d, d, d]);
+        // First entry handled, the second has a bad cache_id.
+        assert_eq!(
+            run(
+                &[
+                    vinv_entry(0, 0x99, 0),
+                    vinv_entry(0, 0x99, MOCK_DEV_CACHE_ID_MAX + 1)
+                ],
+                ty,
+                12
+            ),
+            (Err(Errno::EINVAL), 1)
+        );
+        // The 2nd, then the 3rd and 4th; shorter entries are zero-extended (cache_id 0).
+        assert_eq!(run(&[vinv_entry(0, 0x99, 1)], ty, 12), (Ok(()), 1));
+        check([0, 0, d, d]);
+        assert_eq!(
+            run(&[vinv_entry(0, 0x99, 2), vinv_entry(0, 0x99, 3)], ty, 12),
+            (Ok(()), 2)
+        );
+        check([0; 4]);
+        let _ = long;
+        c.destroy(vdev).unwrap();
+        // ALL on a fresh device.
+        let (d2, _) = f.env.mock_domain(f.ioas_id, 0).unwrap();
+        let vd2 = c.vdevice_alloc(v, d2.dev_id, 0x55).unwrap();
+        assert_eq!(
+            run(
+                &[vinv_entry(IOMMU_TEST_INVALIDATE_FLAG_ALL, 0x55, 0)],
+                ty,
+                12
+            ),
+            (Ok(()), 1)
+        );
+        for i in 0..4 {
+            mock::dev_check_cache(c, d2.dev_id, i, 0).unwrap();
+        }
+        assert_eq!(
+            mock::dev_check_cache(c, d2.dev_id, 4, 0),
+            Err(Errno::EINVAL)
+        );
+        c.destroy(vd2).unwrap();
+        c.destroy(d2.stdev_id).unwrap();
+    }
+
+    pub fn hw_queue(f: &F) {
+        if f.viommu_id.raw() == 0 {
+            return;
+        }
+        let c = &f.env.ictx;
+        let v = f.viommu_id;
+        let st = IOMMU_HW_QUEUE_TYPE_SELFTEST;
+        let iova = MOCK_APERTURE_START;
+        assert_eq!(
+            c.hw_queue_alloc(0, v, 0, 0, iova, PAGE_SIZE),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            c.hw_queue_alloc(1, v, st, 0, iova, PAGE_SIZE),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(c.hw_queue_alloc(0, v, st, 0, iova, 0), Err(Errno::EINVAL));
+        assert_eq!(
+            c.hw_queue_alloc(0, v, st, 0, u64::MAX, PAGE_SIZE),
+            Err(Errno::EOVERFLOW)
+        );
+        assert_eq!(
+            c.hw_queue_alloc(0, f.ioas_id, st, 0, iova, PAGE_SIZE),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            c.hw_queue_alloc(0, v, 0x1234, 0, iova, PAGE_SIZE),
+            Err(Errno::EOPNOTSUPP)
+        );
+        // Missing IOVA.
+        let before = c.object_count();
+        assert_eq!(
+            c.hw_queue_alloc(0, v, st, 0, iova, PAGE_SIZE),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(c.object_count(), before, "failed alloc left no object");
+        let iova = f.env.map_auto(f.ioas_id, BUFFER, PAGE_SIZE).unwrap();
+        let iova2 = f
+            .env
+            .map_auto(f.ioas_id, BUFFER + PAGE_SIZE, PAGE_SIZE)
+            .unwrap();
+        // Must start from index 0; index MAX is out of range.
+        assert_eq!(
+            c.hw_queue_alloc(0, v, st, 1, iova, PAGE_SIZE),
+            Err(Errno::EIO)
+        );
+        assert_eq!(
+            c.hw_queue_alloc(0, v, st, IOMMU_TEST_HW_QUEUE_MAX, iova, PAGE_SIZE),
+            Err(Errno::EINVAL)
+        );
+        f.env.check_refs(BUFFER, PAGE_SIZE, 1);
+        let q0 = c.hw_queue_alloc(0, v, st, 0, iova, PAGE_SIZE).unwrap();
+        // Two IDs: the queue, then its internal access.
+        assert_eq!(
+            c.object_type(ObjectId(q0.raw() + 1)),
+            Some(ObjectType::Access)
+        );
+        assert_eq!(c.destroy(ObjectId(q0.raw() + 1)), Err(Errno::EBUSY));
+        let vops = c.viommu_ops(v).unwrap();
+        let mv = vops.as_any().downcast_ref::<MockViommu>().unwrap();
+        assert_eq!(mv.hw_queue(0).map(|q| q.base_pa), Some(BUFFER));
+        // Shared pin: still one per page.
+        f.env.check_refs(BUFFER, PAGE_SIZE, 1);
+        assert_eq!(
+            c.hw_queue_alloc(0, v, st, 0, iova, PAGE_SIZE),
+            Err(Errno::EEXIST)
+        );
+        // The ring's area is locked.
+        assert_eq!(f.env.unmap(f.ioas_id, iova, PAGE_SIZE), Err(Errno::EBUSY));
+        assert_eq!(f.env.unmap(f.ioas_id, 0, u64::MAX), Err(Errno::EBUSY));
+        // The second page is not pinned, so it can be unmapped.
+        f.env.unmap(f.ioas_id, iova2, PAGE_SIZE).unwrap();
+        // Index 1, unaligned inside the first page.
+        let q1 = c
+            .hw_queue_alloc(0, v, st, 1, iova + PAGE_SIZE / 2, PAGE_SIZE / 2)
+            .unwrap();
+        assert_eq!(
+            mv.hw_queue(1).map(|q| q.base_pa),
+            Some(BUFFER + PAGE_SIZE / 2)
+        );
+        assert_eq!(
+            c.destroy(q0),
+            Err(Errno::EBUSY),
+            "queue 1 depends on queue 0"
+        );
+        assert_eq!(c.destroy(v), Err(Errno::EBUSY));
+        c.destroy(q1).unwrap();
+        c.destroy(q0).unwrap();
+        assert_eq!(mv.hw_queue(0), None);
+        f.env.unmap(f.ioas_id, iova, PAGE_SIZE).unwrap();
+        f.env.check_refs(BUFFER, PAGE_SIZE, 0);
+        // A read-only ring: the internal access pins for reading, so it works; a ring over
+        // physically discontiguous pages is EFAULT.
+        let a = c
+            .ioas_map(
+                map_flags::READABLE,
+                f.ioas_id,
+                f.env.src(BUFFER),
+                PAGE_SIZE,
+                0,
+            )
+            .unwrap();
+        let q = c.hw_queue_alloc(0, v, st, 0, a, PAGE_SIZE).unwrap();
+        c.destroy(q).unwrap();
+        let base = MOCK_APERTURE_START + 0x100000;
+        f.env
+            .map_fixed(f.ioas_id, BUFFER + 8 * PAGE_SIZE, PAGE_SIZE, base)
+            .unwrap();
+        f.env
+            .map_fixed(f.ioas_id, BUFFER, PAGE_SIZE, base + PAGE_SIZE)
+            .unwrap();
+        assert_eq!(
+            c.hw_queue_alloc(0, v, st, 0, base, 2 * PAGE_SIZE),
+            Err(Errno::EFAULT)
+        );
+        // A write-only ring is not readable: EPERM.
+        let wo = c
+            .ioas_map(
+                map_flags::WRITEABLE,
+                f.ioas_id,
+                f.env.src(BUFFER),
+                PAGE_SIZE,
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            c.hw_queue_alloc(0, v, st, 0, wo, PAGE_SIZE),
+            Err(Errno::EPERM)
+        );
+        f.env.unmap(f.ioas_id, 0, u64::MAX).unwrap();
+        f.env.check_refs(BUFFER, 16 * PAGE_SIZE, 0);
+    }
+
+    pub fn vdevice_tombstone(f: &F) {
+        if f.device_id.raw() == 0 {
+            return;
+        }
+        let c = &f.env.ictx;
+        let vdev = c.vdevice_alloc(f.viommu_id, f.device_id, 0x99).unwrap();
+        c.destroy(f.stdev_id).unwrap();
+        assert_eq!(c.destroy(vdev), Err(Errno::ENOENT));
+        assert!(c.is_tombstone(vdev));
+        // The ID stays reserved: new objects do not get it.
+        let x = f.env.ioas();
+        assert_ne!(x, vdev);
+        // The vIOMMU's virt id is free again.
+        let vops = c.viommu_ops(f.viommu_id).unwrap();
+        let _ = vops;
+    }
+
+    pub fn viommu_kvm_handle_reaches_driver(f: &F) {
+        if f.device_id.raw() == 0 {
+            return;
+        }
+        // RFC v3: the KVM handle given at bind reaches viommu_alloc untouched.
+        struct Vm {
+            vmid: u16,
+        }
+        let c = &f.env.ictx;
+        let vm = Arc::new(Vm { vmid: 7 });
+        let dev = f.env.iommu.new_device(0).unwrap();
+        let d = c
+            .bind_device(dev, Some(KvmRef::new(Arc::clone(&vm))))
+            .unwrap();
+        c.attach(d, NO_PASID, f.ioas_id).unwrap();
+        let v = c
+            .viommu_alloc(
+                0,
+                IOMMU_VIOMMU_TYPE_SELFTEST,
+                d,
+                f.hwpt_id,
+                &mut none_data(),
+            )
+            .unwrap();
+        let ops = c.viommu_ops(v).unwrap();
+        let mv = ops.as_any().downcast_ref::<MockViommu>().unwrap();
+        let k = mv.kvm().unwrap();
+        assert_eq!(k.downcast::<Vm>().map(|v| v.vmid), Some(7));
+        assert!(k.downcast::<u8>().is_none());
+        // The vIOMMU keeps the VM alive.
+        assert_eq!(Arc::strong_count(&vm), 3);
+        // The first vIOMMU was made for a device bound without KVM.
+        let first = c.viommu_ops(f.viommu_id).unwrap();
+        assert!(
+            first
+                .as_any()
+                .downcast_ref::<MockViommu>()
+                .unwrap()
+                .kvm()
+                .is_none()
+        );
+        c.destroy(v).unwrap();
+        c.detach(d, NO_PASID);
+        c.unbind_device(d).unwrap();
+        assert!(mv.is_destroyed());
+    }
+}
+variant_tests!(
+    iommufd_viommu,
+    no_viommu,
+    [
+        viommu_auto_destroy,
+        viommu_negative_tests,
+        viommu_alloc_nested_iopf,
+        viommu_alloc_with_data,
+        vdevice_alloc,
+        vdevice_cache,
+        hw_queue,
+        vdevice_tombstone,
+        viommu_kvm_handle_reaches_driver
+    ]
+);
+variant_tests!(
+    iommufd_viommu,
+    mock_viommu,
+    [
+        viommu_auto_destroy,
+        viommu_negative_tests,
+        viommu_alloc_nested_iopf,
+        viommu_alloc_with_data,
+        vdevice_alloc,
+        vdevice_cache,
+        hw_queue,
+        vdevice_tombstone,
+        viommu_kvm_handle_reaches_driver
     ]
 );
