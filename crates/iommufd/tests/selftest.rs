@@ -2039,6 +2039,7 @@ mod iommufd_dirty_tracking {
         pub env: Env,
         pub v: Variant,
         pub ioas_id: ObjectId,
+        #[allow(dead_code)]
         pub stdev_id: ObjectId,
         pub idev_id: ObjectId,
     }
@@ -2169,7 +2170,8 @@ mod iommufd_dirty_tracking {
             // A unit is dirty if one of its mock pages is; a dirty 1 MiB mock page makes
             // every unit inside it dirty.
             let first_mock = i * page_size / MOCK_IO_PAGE_SIZE;
-            let expect = f.v.hugepages || page_size > MOCK_IO_PAGE_SIZE || first_mock % 2 == 0;
+            let expect =
+                f.v.hugepages || page_size > MOCK_IO_PAGE_SIZE || first_mock.is_multiple_of(2);
             assert_eq!(set, expect, "bit {i} page_size {page_size}");
         }
         // Read again: cleared unless NO_CLEAR.
@@ -2393,7 +2395,7 @@ fn trigger_and_answer_iopf(c: &Iommufd, dev_id: ObjectId, pasid: u32, fault_fd: 
         pasid,
         grpid,
         fault::PERM_READ | fault::PERM_WRITE,
-        0xdead_beef_000,
+        0x0dea_dbee_f000,
     )
     .unwrap();
     assert!(fault_fd.readable());
@@ -2411,7 +2413,7 @@ fn trigger_and_answer_iopf(c: &Iommufd, dev_id: ObjectId, pasid: u32, fault_fd: 
     assert_eq!(le32(&rec, 8), pasid);
     assert_eq!(le32(&rec, 12), grpid);
     assert_eq!(le32(&rec, 16), fault::PERM_READ | fault::PERM_WRITE);
-    assert_eq!(le64(&rec, 24), 0xdead_beef_000);
+    assert_eq!(le64(&rec, 24), 0x0dea_dbee_f000);
     assert_eq!(le32(&rec, 32), 0);
     let cookie = le32(&rec, 36);
     assert_eq!(fault_fd.pending(), (0, 1));
@@ -3210,3 +3212,318 @@ variant_tests!(
         viommu_kvm_handle_reaches_driver
     ]
 );
+
+// ---------------------------------------------------------------------------------------
+// FIXTURE(iommufd_device_pasid): a PASID-capable mock device (and, in `no_pasid`, one that
+// is not).
+mod iommufd_device_pasid {
+    use super::*;
+
+    pub struct Variant {
+        pasid_capable: bool,
+    }
+    impl Variant {
+        pub fn no_pasid() -> Variant {
+            Variant {
+                pasid_capable: false,
+            }
+        }
+        pub fn has_pasid() -> Variant {
+            Variant {
+                pasid_capable: true,
+            }
+        }
+    }
+
+    pub struct F {
+        pub env: Env,
+        pub v: Variant,
+        pub ioas_id: ObjectId,
+        pub stdev_id: ObjectId,
+        pub device_id: ObjectId,
+        pub no_pasid_dev: Option<ObjectId>,
+    }
+    impl F {
+        pub fn teardown(self) {
+            self.env.teardown();
+        }
+    }
+
+    pub fn setup(v: Variant) -> F {
+        let env = Env::new();
+        let ioas_id = env.ioas();
+        let (d, _) = env.mock_domain(ioas_id, MOCK_FLAGS_DEVICE_PASID).unwrap();
+        let no_pasid_dev =
+            (!v.pasid_capable).then(|| env.mock_domain(ioas_id, 0).unwrap().0.dev_id);
+        F {
+            env,
+            v,
+            ioas_id,
+            stdev_id: d.stdev_id,
+            device_id: d.dev_id,
+            no_pasid_dev,
+        }
+    }
+
+    /// PASID_CHECK_HWPT: 0 means "nothing attached".
+    fn check(f: &F, pasid: u32, hwpt: u32) {
+        let got = f
+            .env
+            .ictx
+            .attached_hwpt(f.device_id, pasid)
+            .map(|h| h.raw())
+            .unwrap_or(0);
+        assert_eq!(got, hwpt, "pasid {pasid}");
+    }
+
+    pub fn pasid_attach(f: &F) {
+        let c = &f.env.ictx;
+        let dev = f.device_id;
+        let z = ObjectId(0);
+        let mut pasid = 100;
+        // Detaching a PASID that is not attached is a no-op.
+        c.detach(dev, pasid);
+        let parent = c
+            .hwpt_alloc(hwpt_flags::NEST_PARENT, dev, f.ioas_id, &mut none_data(), z)
+            .unwrap();
+        let mut b = selftest_data(IOMMU_TEST_IOTLB_DEFAULT);
+        let n0 = c
+            .hwpt_alloc(hwpt_flags::PASID, dev, parent, &mut sdata(&mut b), z)
+            .unwrap();
+        let n1 = c
+            .hwpt_alloc(hwpt_flags::PASID, dev, parent, &mut sdata(&mut b), z)
+            .unwrap();
+        let fault = c.fault_alloc(0).unwrap();
+        let iopf = c
+            .hwpt_alloc(
+                hwpt_flags::FAULT_ID_VALID | hwpt_flags::PASID,
+                dev,
+                parent,
+                &mut sdata(&mut b),
+                fault.id(),
+            )
+            .unwrap();
+        let viommu = c
+            .viommu_alloc(0, IOMMU_VIOMMU_TYPE_SELFTEST, dev, parent, &mut none_data())
+            .unwrap();
+        let _n2 = c
+            .hwpt_alloc(hwpt_flags::PASID, dev, viommu, &mut sdata(&mut b), z)
+            .unwrap();
+        let s2 = c
+            .hwpt_alloc(hwpt_flags::PASID, dev, f.ioas_id, &mut none_data(), z)
+            .unwrap();
+
+        // RID on a non-PASID-compatible domain: PASID attach fails.
+        c.replace(dev, NO_PASID, parent).unwrap();
+        assert_eq!(c.attach(dev, pasid, s2), Err(Errno::EINVAL));
+        // RID on a compatible one: PASID attach works, and the RID can no longer move to a
+        // non-compatible domain.
+        c.replace(dev, NO_PASID, s2).unwrap();
+        c.attach(dev, pasid, n0).unwrap();
+        assert_eq!(c.replace(dev, NO_PASID, parent), Err(Errno::EINVAL));
+        c.detach(dev, pasid);
+        check(f, pasid, 0);
+
+        if let Some(np) = f.no_pasid_dev {
+            // A PASID-compatible domain can be used by a device without PASID support...
+            c.replace(np, NO_PASID, n0).unwrap();
+            c.replace(np, NO_PASID, f.ioas_id).unwrap();
+            // ...but such a device cannot attach a PASID, whatever the domain.
+            assert_eq!(c.attach(np, pasid, parent), Err(Errno::EINVAL));
+            assert_eq!(c.attach(np, pasid, s2), Err(Errno::EINVAL));
+        }
+        // Non-compatible HWPT and IOAS (auto domains are never compatible) on a PASID.
+        assert_eq!(c.attach(dev, pasid, parent), Err(Errno::EINVAL));
+        check(f, pasid, 0);
+        let before = c.object_count();
+        assert_eq!(c.attach(dev, pasid, f.ioas_id), Err(Errno::EINVAL));
+        assert_eq!(
+            c.object_count(),
+            before,
+            "the failed auto domain was destroyed"
+        );
+        check(f, pasid, 0);
+        // PASID beyond the device's width.
+        assert_eq!(c.attach(dev, 1 << MOCK_PASID_WIDTH, s2), Err(Errno::EINVAL));
+        c.attach(dev, pasid, s2).unwrap();
+        check(f, pasid, s2.raw());
+        // Attach does not overwrite: EBUSY.
+        assert_eq!(c.attach(dev, pasid, n0), Err(Errno::EBUSY));
+        c.detach(dev, pasid);
+        check(f, pasid, 0);
+        c.attach(dev, pasid, n0).unwrap();
+        check(f, pasid, n0.raw());
+        assert_eq!(c.attach(dev, pasid, n0), Err(Errno::EBUSY));
+        c.detach(dev, pasid);
+
+        // Replace.
+        pasid = 200;
+        assert_eq!(c.replace(dev, pasid, s2), Err(Errno::EINVAL));
+        c.attach(dev, pasid, s2).unwrap();
+        assert_eq!(c.replace(dev, pasid, f.ioas_id), Err(Errno::EINVAL));
+        check(f, pasid, s2.raw());
+        c.replace(dev, pasid, n0).unwrap();
+        check(f, pasid, n0.raw());
+        c.replace(dev, pasid, n1).unwrap();
+        check(f, pasid, n1.raw());
+        c.detach(dev, pasid);
+
+        // The mock's PASID 1024 quirk: every other attach/replace fails with ENOMEM.
+        pasid = IOMMU_TEST_PASID_RESERVED;
+        c.attach(dev, pasid, s2).unwrap();
+        check(f, pasid, s2.raw());
+        assert_eq!(c.replace(dev, pasid, n0), Err(Errno::ENOMEM));
+        check(f, pasid, s2.raw());
+        c.detach(dev, pasid);
+
+        // An iopf-capable HWPT on PASID 2048.
+        pasid = 2048;
+        c.attach(dev, pasid, iopf).unwrap();
+        check(f, pasid, iopf.raw());
+        trigger_and_answer_iopf(c, dev, pasid, &fault);
+        c.replace(dev, pasid, s2).unwrap();
+        check(f, pasid, s2.raw());
+        c.detach(dev, pasid);
+        c.destroy(iopf).unwrap();
+        let fid = fault.id();
+        drop(fault);
+        c.destroy(fid).unwrap();
+        c.replace(dev, NO_PASID, f.ioas_id).unwrap();
+        let _ = (&f.v, f.stdev_id);
+    }
+
+    pub fn fault_routing(f: &F) {
+        // §4.4: a request on a PASID with no attachment goes to the RID attachment only if
+        // that is nested (the mock keeps PASID tables in user memory); requests are held until
+        // their group's last page.
+        let c = &f.env.ictx;
+        let dev = f.device_id;
+        let z = ObjectId(0);
+        let fault = c.fault_alloc(0).unwrap();
+        let parent = c
+            .hwpt_alloc(hwpt_flags::NEST_PARENT, dev, f.ioas_id, &mut none_data(), z)
+            .unwrap();
+        let mut b = selftest_data(0);
+        let nested = c
+            .hwpt_alloc(
+                hwpt_flags::FAULT_ID_VALID,
+                dev,
+                parent,
+                &mut sdata(&mut b),
+                fault.id(),
+            )
+            .unwrap();
+        let paging = c
+            .hwpt_alloc(
+                hwpt_flags::FAULT_ID_VALID,
+                dev,
+                f.ioas_id,
+                &mut none_data(),
+                fault.id(),
+            )
+            .unwrap();
+        let h = c.device_handle(dev).unwrap();
+        let m = h.as_any().downcast_ref::<MockDevice>().unwrap();
+        c.replace(dev, NO_PASID, paging).unwrap();
+        m.trigger_iopf(7, 1, fault::PERM_READ, 0);
+        assert_eq!(
+            fault.pending(),
+            (0, 0),
+            "paging RID does not take PASID requests"
+        );
+        m.trigger_iopf(0, 1, fault::PERM_READ, 0);
+        assert_eq!(fault.pending(), (1, 0));
+        c.replace(dev, NO_PASID, nested).unwrap();
+        assert_eq!(
+            fault.pending(),
+            (0, 0),
+            "replace answered the old attachment's groups"
+        );
+        m.trigger_iopf(7, 2, fault::PERM_READ, 0);
+        assert_eq!(fault.pending(), (1, 0));
+        // A three-request group arrives as one group of three records.
+        for (i, last) in [(0u64, false), (1, false), (2, true)] {
+            m.report_page_request(PageRequest {
+                flags: if last { fault::FLAG_LAST_PAGE } else { 0 },
+                pasid: 0,
+                grpid: 5,
+                perm: fault::PERM_WRITE,
+                addr: i * PAGE_SIZE,
+            });
+        }
+        assert_eq!(fault.pending(), (2, 0));
+        let mut buf = [0u8; 40 * 3];
+        // The first group (one record) fits; the second needs 3 records and only 2 are left.
+        assert_eq!(fault.read(&mut buf[..80]), Ok(40));
+        assert_eq!(fault.read(&mut buf), Ok(120));
+        assert_eq!(le32(&buf, 12), 5);
+        assert_eq!(le64(&buf, 40 + 24), PAGE_SIZE);
+        assert_eq!(le32(&buf, 36), le32(&buf, 76), "one cookie per group");
+        assert_eq!(
+            le32(&buf, 36),
+            2,
+            "cookie 1 is still waiting for its answer"
+        );
+        // Destroying the HWPT is blocked by the attachment; destroying the FAULT by its users.
+        assert_eq!(c.destroy(fault.id()), Err(Errno::EBUSY));
+        c.replace(dev, NO_PASID, f.ioas_id).unwrap();
+        assert_eq!(fault.pending(), (0, 0));
+        c.destroy(nested).unwrap();
+        c.destroy(paging).unwrap();
+        c.destroy(parent).unwrap();
+        let fid = fault.id();
+        drop(fault);
+        c.destroy(fid).unwrap();
+    }
+}
+variant_tests!(
+    iommufd_device_pasid,
+    no_pasid,
+    [pasid_attach, fault_routing]
+);
+variant_tests!(
+    iommufd_device_pasid,
+    has_pasid,
+    [pasid_attach, fault_routing]
+);
+
+// ---------------------------------------------------------------------------------------
+// FIXTURE(change_process): CHANGE_PROCESS needs every area to be a file mapping.
+mod change_process {
+    use super::*;
+
+    pub struct Variant;
+    impl Variant {
+        pub fn account_user() -> Variant {
+            Variant
+        }
+    }
+    pub struct F {
+        pub env: Env,
+        pub ioas_id: ObjectId,
+    }
+    impl F {
+        pub fn teardown(self) {
+            self.env.teardown();
+        }
+    }
+    pub fn setup(_: Variant) -> F {
+        let env = Env::new();
+        let ioas_id = env.ioas();
+        env.mock_domain(ioas_id, 0).unwrap();
+        F { env, ioas_id }
+    }
+
+    pub fn basic(f: &F) {
+        let c = &f.env.ictx;
+        let iova = c
+            .ioas_map(RW, f.ioas_id, f.env.src(BUFFER), PAGE_SIZE, 0)
+            .unwrap();
+        assert_eq!(c.ioas_change_process(), Err(Errno::EINVAL));
+        c.ioas_unmap(f.ioas_id, iova, PAGE_SIZE).unwrap();
+        c.ioas_map(RW, f.ioas_id, f.env.file_src(BUFFER), PAGE_SIZE, 0)
+            .unwrap();
+        c.ioas_change_process().unwrap();
+    }
+}
+variant_tests!(change_process, account_user, [basic]);
