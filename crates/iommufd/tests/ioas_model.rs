@@ -42,11 +42,22 @@ fn meets(a: (u64, u64), b: (u64, u64)) -> bool {
 impl Model {
     fn new(domain: bool) -> Model {
         let (reserved, align) = if domain {
-            (vec![(0, MOCK_APERTURE_START - 1), (MOCK_APERTURE_LAST + 1, u64::MAX)], MOCK_IO_PAGE_SIZE)
+            (
+                vec![
+                    (0, MOCK_APERTURE_START - 1),
+                    (MOCK_APERTURE_LAST + 1, u64::MAX),
+                ],
+                MOCK_IO_PAGE_SIZE,
+            )
         } else {
             (vec![], 1)
         };
-        Model { areas: vec![], reserved, allowed: vec![], align }
+        Model {
+            areas: vec![],
+            reserved,
+            allowed: vec![],
+            align,
+        }
     }
 
     fn fits(start: u64, last: u64, len: u64, align: u64, off: u64) -> Option<u64> {
@@ -64,7 +75,11 @@ impl Model {
             return Err(Errno::EOVERFLOW);
         }
         let pow = len.next_power_of_two();
-        let mut align = if addr == 0 { pow } else { pow.min(1 << addr.trailing_zeros()) };
+        let mut align = if addr == 0 {
+            pow
+        } else {
+            pow.min(1 << addr.trailing_zeros())
+        };
         align = align.min(HPAGE_SIZE);
         if align < self.align {
             return Err(Errno::EINVAL);
@@ -103,26 +118,33 @@ impl Model {
             let mut cur = Some(s);
             for (us, ul) in used {
                 let Some(c) = cur else { break };
-                if us > c {
-                    if let Some(v) = Self::fits(c, us - 1, len, align, off) {
-                        return Ok(v);
-                    }
+                if us > c
+                    && let Some(v) = Self::fits(c, us - 1, len, align, off)
+                {
+                    return Ok(v);
                 }
-                cur = cur.map(|c| c.max(ul.checked_add(1).unwrap_or(0))).filter(|_| ul != u64::MAX);
+                cur = cur
+                    .map(|c| c.max(ul.checked_add(1).unwrap_or(0)))
+                    .filter(|_| ul != u64::MAX);
             }
-            if let Some(c) = cur {
-                if c <= l {
-                    if let Some(v) = Self::fits(c, l, len, align, off) {
-                        return Ok(v);
-                    }
-                }
+            if let Some(c) = cur
+                && c <= l
+                && let Some(v) = Self::fits(c, l, len, align, off)
+            {
+                return Ok(v);
             }
         }
         Err(Errno::ENOSPC)
     }
 
-    fn place(&mut self, pieces: &[(u64, u64, bool)], len: u64, fixed: Option<u64>, write: bool) -> Result<u64, Errno> {
-        if len % self.align != 0 || len == 0 {
+    fn place(
+        &mut self,
+        pieces: &[(u64, u64, bool)],
+        len: u64,
+        fixed: Option<u64>,
+        write: bool,
+    ) -> Result<u64, Errno> {
+        if !len.is_multiple_of(self.align) || len == 0 {
             return Err(Errno::EINVAL);
         }
         let iova = match fixed {
@@ -134,7 +156,11 @@ impl Model {
                 if self.reserved.iter().any(|&r| meets(r, (i, last))) {
                     return Err(Errno::EINVAL);
                 }
-                if self.areas.iter().any(|a| meets((a.iova, a.last()), (i, last))) {
+                if self
+                    .areas
+                    .iter()
+                    .any(|a| meets((a.iova, a.last()), (i, last)))
+                {
                     return Err(Errno::EEXIST);
                 }
                 i
@@ -147,10 +173,15 @@ impl Model {
             if write && !writable {
                 return Err(Errno::EPERM);
             }
-            if (addr % PAGE_SIZE) % self.align != 0 {
+            if !(addr % PAGE_SIZE).is_multiple_of(self.align) {
                 return Err(Errno::EINVAL);
             }
-            new.push(MArea { iova: at, len: plen, addr, write: writable });
+            new.push(MArea {
+                iova: at,
+                len: plen,
+                addr,
+                write: writable,
+            });
             at += plen;
         }
         self.areas.extend(new);
@@ -211,10 +242,11 @@ impl Model {
             (iova, iova.checked_add(len - 1).ok_or(Errno::EOVERFLOW)?)
         };
         let mut done = 0;
-        loop {
-            let Some(pos) = self.areas.iter().position(|a| meets((a.iova, a.last()), (s, l))) else {
-                break;
-            };
+        while let Some(pos) = self
+            .areas
+            .iter()
+            .position(|a| meets((a.iova, a.last()), (s, l)))
+        {
             let a = self.areas[pos];
             if a.iova < s || a.last() > l {
                 return Err(Errno::ENOENT);
@@ -239,7 +271,10 @@ impl Model {
             }
             new.push((s, l));
         }
-        if new.iter().any(|&n| self.reserved.iter().any(|&r| meets(r, n))) {
+        if new
+            .iter()
+            .any(|&n| self.reserved.iter().any(|&r| meets(r, n)))
+        {
             return Err(Errno::EADDRINUSE);
         }
         self.allowed = new;
@@ -248,7 +283,10 @@ impl Model {
 
     fn reserve(&mut self, start: u64, len: u64) -> Result<(), Errno> {
         let last = start.wrapping_add(len).wrapping_sub(1);
-        if self.areas.iter().any(|a| meets((a.iova, a.last()), (start, last)))
+        if self
+            .areas
+            .iter()
+            .any(|a| meets((a.iova, a.last()), (start, last)))
             || self.allowed.iter().any(|&r| meets(r, (start, last)))
         {
             return Err(Errno::EADDRINUSE);
@@ -260,14 +298,40 @@ impl Model {
 
 #[derive(Clone, Debug)]
 enum Op {
-    MapFixed { addr: u64, len: u64, iova: u64, write: bool },
-    MapAuto { addr: u64, len: u64, write: bool },
-    Unmap { iova: u64, len: u64 },
+    MapFixed {
+        addr: u64,
+        len: u64,
+        iova: u64,
+        write: bool,
+    },
+    MapAuto {
+        addr: u64,
+        len: u64,
+        write: bool,
+    },
+    Unmap {
+        iova: u64,
+        len: u64,
+    },
     UnmapAll,
-    CopyFixed { src: u64, len: u64, dst: u64, write: bool },
-    CopyAuto { src: u64, len: u64, write: bool },
-    Allow { ranges: Vec<(u64, u64)> },
-    Reserve { start: u64, len: u64 },
+    CopyFixed {
+        src: u64,
+        len: u64,
+        dst: u64,
+        write: bool,
+    },
+    CopyAuto {
+        src: u64,
+        len: u64,
+        write: bool,
+    },
+    Allow {
+        ranges: Vec<(u64, u64)>,
+    },
+    Reserve {
+        start: u64,
+        len: u64,
+    },
 }
 
 /// IOVAs near the interesting region, in mock-page steps with occasional odd offsets.
@@ -330,11 +394,20 @@ fn run(domain: bool, ops: &[Op]) -> Result<(), TestCaseError> {
     let env = Env::new();
     let c = &env.ictx;
     let ioas = env.ioas();
-    let hwpt = if domain { Some(env.mock_domain(ioas, 0).unwrap().0.hwpt_id) } else { None };
+    let hwpt = if domain {
+        Some(env.mock_domain(ioas, 0).unwrap().0.hwpt_id)
+    } else {
+        None
+    };
     let mut m = Model::new(domain);
     for (i, op) in ops.iter().enumerate() {
         let (got, want) = match op.clone() {
-            Op::MapFixed { addr, len, iova, write } => (
+            Op::MapFixed {
+                addr,
+                len,
+                iova,
+                write,
+            } => (
                 c.ioas_map(flags(write, true), ioas, env.src(addr), len, iova),
                 m.map(addr, len, Some(iova), write),
             ),
@@ -344,7 +417,12 @@ fn run(domain: bool, ops: &[Op]) -> Result<(), TestCaseError> {
             ),
             Op::Unmap { iova, len } => (c.ioas_unmap(ioas, iova, len), m.unmap(iova, len)),
             Op::UnmapAll => (c.ioas_unmap(ioas, 0, u64::MAX), m.unmap(0, u64::MAX)),
-            Op::CopyFixed { src, len, dst, write } => (
+            Op::CopyFixed {
+                src,
+                len,
+                dst,
+                write,
+            } => (
                 c.ioas_copy(flags(write, true), ioas, ioas, len, dst, src),
                 m.copy(src, len, Some(dst), write),
             ),
@@ -366,7 +444,13 @@ fn run(domain: bool, ops: &[Op]) -> Result<(), TestCaseError> {
         };
         prop_assert_eq!(got, want, "op {} {:?}", i, op);
         let areas: Vec<(u64, u64)> = m.areas.iter().map(|a| (a.iova, a.len)).collect();
-        prop_assert_eq!(c.ioas_areas(ioas).unwrap(), areas, "areas after op {} {:?}", i, op);
+        prop_assert_eq!(
+            c.ioas_areas(ioas).unwrap(),
+            areas,
+            "areas after op {} {:?}",
+            i,
+            op
+        );
     }
     if let Some(h) = hwpt {
         // The domain holds exactly the areas, each translating to its backing pages.
@@ -379,7 +463,11 @@ fn run(domain: bool, ops: &[Op]) -> Result<(), TestCaseError> {
         let md = d.as_any().downcast_ref::<mock::MockDomain>().unwrap();
         prop_assert_eq!(md.mapped_bytes(), mapped);
     } else {
-        prop_assert_eq!(env.user.total_pins(), 0, "lazy: nothing pinned without a domain");
+        prop_assert_eq!(
+            env.user.total_pins(),
+            0,
+            "lazy: nothing pinned without a domain"
+        );
     }
     c.ioas_unmap(ioas, 0, u64::MAX).unwrap();
     prop_assert_eq!(env.user.total_pins(), 0);
@@ -388,7 +476,11 @@ fn run(domain: bool, ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 fn cases() -> u32 {
-    if std::env::var("TWINMMU_LONG").is_ok_and(|v| v == "1") { 4000 } else { 96 }
+    if std::env::var("TWINMMU_LONG").is_ok_and(|v| v == "1") {
+        4000
+    } else {
+        96
+    }
 }
 
 proptest! {

@@ -18,37 +18,90 @@ fn build_everything(env: &Env) -> (Arc<MockAccess>, Vec<Arc<dyn Viommu>>, FaultF
     let z = ObjectId(0);
     let ioas = env.ioas();
     let ioas2 = env.ioas();
-    env.map_fixed(ioas, BUFFER, BUFFER_SIZE, MOCK_APERTURE_START).unwrap();
-    env.map_fixed(ioas2, BUFFER, BUFFER_SIZE, MOCK_APERTURE_START).unwrap();
-    c.ioas_copy(FIXED, ioas, ioas2, BUFFER_SIZE, MOCK_APERTURE_START + BUFFER_SIZE, MOCK_APERTURE_START)
+    env.map_fixed(ioas, BUFFER, BUFFER_SIZE, MOCK_APERTURE_START)
         .unwrap();
+    env.map_fixed(ioas2, BUFFER, BUFFER_SIZE, MOCK_APERTURE_START)
+        .unwrap();
+    c.ioas_copy(
+        FIXED,
+        ioas,
+        ioas2,
+        BUFFER_SIZE,
+        MOCK_APERTURE_START + BUFFER_SIZE,
+        MOCK_APERTURE_START,
+    )
+    .unwrap();
     let (d1, _) = env.mock_domain(ioas, 0).unwrap();
     let (d2, _) = env.mock_domain(ioas2, MOCK_FLAGS_DEVICE_PASID).unwrap();
-    let parent = c.hwpt_alloc(hwpt_flags::NEST_PARENT, d1.dev_id, ioas, &mut none_data(), z).unwrap();
+    let parent = c
+        .hwpt_alloc(
+            hwpt_flags::NEST_PARENT,
+            d1.dev_id,
+            ioas,
+            &mut none_data(),
+            z,
+        )
+        .unwrap();
     let fault = c.fault_alloc(0).unwrap();
     let v = c
-        .viommu_alloc(0, IOMMU_VIOMMU_TYPE_SELFTEST, d1.dev_id, parent, &mut none_data())
+        .viommu_alloc(
+            0,
+            IOMMU_VIOMMU_TYPE_SELFTEST,
+            d1.dev_id,
+            parent,
+            &mut none_data(),
+        )
         .unwrap();
     let mut data = [0u8; 24];
     let vd = c
-        .viommu_alloc(0, IOMMU_VIOMMU_TYPE_SELFTEST, d1.dev_id, parent, &mut UserData::new(IOMMU_VIOMMU_TYPE_SELFTEST, &mut data))
+        .viommu_alloc(
+            0,
+            IOMMU_VIOMMU_TYPE_SELFTEST,
+            d1.dev_id,
+            parent,
+            &mut UserData::new(IOMMU_VIOMMU_TYPE_SELFTEST, &mut data),
+        )
         .unwrap();
     let mut b = selftest_data(0);
     let nested = c
-        .hwpt_alloc(hwpt_flags::FAULT_ID_VALID, d1.dev_id, v, &mut sdata(&mut b), fault.id())
+        .hwpt_alloc(
+            hwpt_flags::FAULT_ID_VALID,
+            d1.dev_id,
+            v,
+            &mut sdata(&mut b),
+            fault.id(),
+        )
         .unwrap();
     let _vdev = c.vdevice_alloc(v, d1.dev_id, 0x42).unwrap();
     c.replace(d1.dev_id, NO_PASID, nested).unwrap();
-    let q = c.veventq_alloc(0, v, IOMMU_VEVENTQ_TYPE_SELFTEST, 4).unwrap();
+    let q = c
+        .veventq_alloc(0, v, IOMMU_VEVENTQ_TYPE_SELFTEST, 4)
+        .unwrap();
     mock::trigger_vevent(c, d1.dev_id).unwrap();
     mock::trigger_iopf(c, d1.dev_id, 0, 1, fault::PERM_READ, 0).unwrap();
     let _q0 = c
-        .hw_queue_alloc(0, v, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, MOCK_APERTURE_START, PAGE_SIZE)
+        .hw_queue_alloc(
+            0,
+            v,
+            IOMMU_HW_QUEUE_TYPE_SELFTEST,
+            0,
+            MOCK_APERTURE_START,
+            PAGE_SIZE,
+        )
         .unwrap();
     let _q1 = c
-        .hw_queue_alloc(0, v, IOMMU_HW_QUEUE_TYPE_SELFTEST, 1, MOCK_APERTURE_START + PAGE_SIZE, PAGE_SIZE)
+        .hw_queue_alloc(
+            0,
+            v,
+            IOMMU_HW_QUEUE_TYPE_SELFTEST,
+            1,
+            MOCK_APERTURE_START + PAGE_SIZE,
+            PAGE_SIZE,
+        )
         .unwrap();
-    let s2 = c.hwpt_alloc(hwpt_flags::PASID, d2.dev_id, ioas2, &mut none_data(), z).unwrap();
+    let s2 = c
+        .hwpt_alloc(hwpt_flags::PASID, d2.dev_id, ioas2, &mut none_data(), z)
+        .unwrap();
     c.replace(d2.dev_id, NO_PASID, s2).unwrap();
     c.attach(d2.dev_id, 9, s2).unwrap();
     let a = MockAccess::create(c, ioas2, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES).unwrap();
@@ -107,12 +160,28 @@ fn mmap_region_keeps_the_context_alive() {
     let c = env.ictx.clone();
     let ioas = env.ioas();
     let (d, _) = env.mock_domain(ioas, 0).unwrap();
-    let parent = c.hwpt_alloc(hwpt_flags::NEST_PARENT, d.dev_id, ioas, &mut none_data(), ObjectId(0)).unwrap();
+    let parent = c
+        .hwpt_alloc(
+            hwpt_flags::NEST_PARENT,
+            d.dev_id,
+            ioas,
+            &mut none_data(),
+            ObjectId(0),
+        )
+        .unwrap();
     let mut data = [0u8; 24];
     let v = c
-        .viommu_alloc(0, IOMMU_VIOMMU_TYPE_SELFTEST, d.dev_id, parent, &mut UserData::new(IOMMU_VIOMMU_TYPE_SELFTEST, &mut data))
+        .viommu_alloc(
+            0,
+            IOMMU_VIOMMU_TYPE_SELFTEST,
+            d.dev_id,
+            parent,
+            &mut UserData::new(IOMMU_VIOMMU_TYPE_SELFTEST, &mut data),
+        )
         .unwrap();
-    let region = c.mmap(le64(&data, 8), le64(&data, 16), true, false).unwrap();
+    let region = c
+        .mmap(le64(&data, 8), le64(&data, 16), true, false)
+        .unwrap();
     let ops = c.viommu_ops(v).unwrap();
     drop(c);
     let Env { ictx, .. } = env;
@@ -131,13 +200,33 @@ fn events_reported_from_other_threads_are_all_accounted_for() {
     let c = &env.ictx;
     let ioas = env.ioas();
     let (d, _) = env.mock_domain(ioas, 0).unwrap();
-    let parent = c.hwpt_alloc(hwpt_flags::NEST_PARENT, d.dev_id, ioas, &mut none_data(), ObjectId(0)).unwrap();
-    let v = c.viommu_alloc(0, IOMMU_VIOMMU_TYPE_SELFTEST, d.dev_id, parent, &mut none_data()).unwrap();
+    let parent = c
+        .hwpt_alloc(
+            hwpt_flags::NEST_PARENT,
+            d.dev_id,
+            ioas,
+            &mut none_data(),
+            ObjectId(0),
+        )
+        .unwrap();
+    let v = c
+        .viommu_alloc(
+            0,
+            IOMMU_VIOMMU_TYPE_SELFTEST,
+            d.dev_id,
+            parent,
+            &mut none_data(),
+        )
+        .unwrap();
     let mut b = selftest_data(0);
-    let nested = c.hwpt_alloc(0, d.dev_id, v, &mut sdata(&mut b), ObjectId(0)).unwrap();
+    let nested = c
+        .hwpt_alloc(0, d.dev_id, v, &mut sdata(&mut b), ObjectId(0))
+        .unwrap();
     c.vdevice_alloc(v, d.dev_id, 3).unwrap();
     c.replace(d.dev_id, NO_PASID, nested).unwrap();
-    let q = c.veventq_alloc(0, v, IOMMU_VEVENTQ_TYPE_SELFTEST, 64).unwrap();
+    let q = c
+        .veventq_alloc(0, v, IOMMU_VEVENTQ_TYPE_SELFTEST, 64)
+        .unwrap();
     let dev = c.device_handle(d.dev_id).unwrap();
     let per_thread = 2000;
     let reporters: Vec<_> = (0..2)
@@ -153,7 +242,8 @@ fn events_reported_from_other_threads_are_all_accounted_for() {
         .collect();
     // Meanwhile the context keeps working.
     for i in 0..200 {
-        env.map_fixed(ioas, BUFFER, PAGE_SIZE, MOCK_APERTURE_START + i * PAGE_SIZE).unwrap();
+        env.map_fixed(ioas, BUFFER, PAGE_SIZE, MOCK_APERTURE_START + i * PAGE_SIZE)
+            .unwrap();
     }
     let mut got = 0u64;
     let mut lost_markers = 0u64;
