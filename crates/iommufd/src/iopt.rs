@@ -385,65 +385,77 @@ impl Iopt {
     }
 
     fn map_area_into(&self, d: &Arc<dyn PagingDomain>, a: &Area) -> Result<(), Errno> {
-        let mut mapped = 0u64;
-        let runs = a.pages.phys_runs(a.start_byte, a.length());
-        let res = (|| {
-            for (off, pa, len) in runs {
-                let iova = a.iova + (off - a.start_byte);
-                if self.disable_large_pages {
-                    // batch_iommu_map_small: one PAGE_SIZE piece at a time.
-                    let mut done = 0u64;
-                    while done < len {
-                        let i = iova + done;
-                        let n = (PAGE_SIZE - i % PAGE_SIZE).min(len - done);
-                        d.map(i, pa + done, n, a.prot)?;
-                        done += n;
-                        mapped += n;
-                    }
-                } else {
-                    d.map(iova, pa, len, a.prot)?;
-                    mapped += len;
-                }
-            }
-            Ok(())
-        })();
-        if res.is_err() && mapped != 0 {
-            d.unmap(a.iova, mapped);
-        }
-        res
+        map_area_into(self.disable_large_pages, d, a)
     }
+}
 
-    /// Pin an area and map it into every domain (nothing happens with no domain: lazy).
-    fn fill_area(&self, a: &mut Area) -> Result<(), Errno> {
-        if self.domains.is_empty() {
-            return Ok(());
-        }
-        a.pages.pin(a.first_index(), a.last_index())?;
-        a.pinned = true;
-        for (i, (_, d)) in self.domains.iter().enumerate() {
-            if let Err(e) = self.map_area_into(d, a) {
-                for (_, prev) in &self.domains[..i] {
-                    prev.unmap(a.iova, a.length());
+type Domains = [(ObjectId, Arc<dyn PagingDomain>)];
+
+fn map_area_into(
+    disable_large_pages: bool,
+    d: &Arc<dyn PagingDomain>,
+    a: &Area,
+) -> Result<(), Errno> {
+    let mut mapped = 0u64;
+    let runs = a.pages.phys_runs(a.start_byte, a.length());
+    let res = (|| {
+        for (off, pa, len) in runs {
+            let iova = a.iova + (off - a.start_byte);
+            if disable_large_pages {
+                // batch_iommu_map_small: one PAGE_SIZE piece at a time.
+                let mut done = 0u64;
+                while done < len {
+                    let i = iova + done;
+                    let n = (PAGE_SIZE - i % PAGE_SIZE).min(len - done);
+                    d.map(i, pa + done, n, a.prot)?;
+                    done += n;
+                    mapped += n;
                 }
-                a.pages.unpin(a.first_index(), a.last_index());
-                a.pinned = false;
-                return Err(e);
+            } else {
+                d.map(iova, pa, len, a.prot)?;
+                mapped += len;
             }
         }
         Ok(())
+    })();
+    if res.is_err() && mapped != 0 {
+        d.unmap(a.iova, mapped);
     }
+    res
+}
 
-    /// Unmap an area from every domain and drop its domain pin.
-    fn unfill_area(&self, a: &mut Area) {
-        for (_, d) in &self.domains {
-            d.unmap(a.iova, a.length());
-        }
-        if a.pinned {
+/// Pin an area and map it into every domain (nothing happens with no domain: lazy).
+fn fill_area(domains: &Domains, disable_large_pages: bool, a: &mut Area) -> Result<(), Errno> {
+    if domains.is_empty() {
+        return Ok(());
+    }
+    a.pages.pin(a.first_index(), a.last_index())?;
+    a.pinned = true;
+    for (i, (_, d)) in domains.iter().enumerate() {
+        if let Err(e) = map_area_into(disable_large_pages, d, a) {
+            for (_, prev) in &domains[..i] {
+                prev.unmap(a.iova, a.length());
+            }
             a.pages.unpin(a.first_index(), a.last_index());
             a.pinned = false;
+            return Err(e);
         }
     }
+    Ok(())
+}
 
+/// Unmap an area from every domain and drop its domain pin.
+fn unfill_area(domains: &Domains, a: &mut Area) {
+    for (_, d) in domains {
+        d.unmap(a.iova, a.length());
+    }
+    if a.pinned {
+        a.pages.unpin(a.first_index(), a.last_index());
+        a.pinned = false;
+    }
+}
+
+impl Iopt {
     /// `iopt_insert_area`.
     fn insert_area(&mut self, elm: &PagesElm, iova: u64, prot: Prot) -> Result<u64, Errno> {
         if prot.write && !elm.pages.writable {
@@ -513,16 +525,15 @@ impl Iopt {
                 }
             }
         }
+        let (areas, domains) = (&mut self.areas, &self.domains);
         for (i, &k) in inserted.iter().enumerate() {
-            let Some(mut a) = self.areas.remove(&k) else {
+            let Some(a) = areas.get_mut(&k) else {
                 continue;
             };
-            let r = self.fill_area(&mut a);
-            self.areas.insert(k, a);
-            if let Err(e) = r {
+            if let Err(e) = fill_area(domains, self.disable_large_pages, a) {
                 for &done in &inserted[..i] {
                     if let Some(mut a) = self.areas.remove(&done) {
-                        self.unfill_area(&mut a);
+                        unfill_area(&self.domains, &mut a);
                     }
                 }
                 for &k in &inserted[i..] {
@@ -557,7 +568,7 @@ impl Iopt {
                 return Err(UnmapStop::NotifyAccesses { iova, length });
             }
             if let Some(mut a) = self.areas.remove(&k) {
-                self.unfill_area(&mut a);
+                unfill_area(&self.domains, &mut a);
                 *unmapped += a.length();
             }
         }

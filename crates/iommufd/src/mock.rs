@@ -396,12 +396,10 @@ impl PagingDomain for MockDomain {
             .filter(|&(&k, r)| k + r.len > iova)
             .map(|(&k, _)| k)
             .unwrap_or(iova);
-        let keys: Vec<u64> = pt.runs.range(first..=last).map(|(&k, _)| k).collect();
         let mut removed = 0;
-        for k in keys {
-            let Some(r) = pt.runs.remove(&k) else {
-                continue;
-            };
+        let mut cur = first;
+        while let Some((&k, &r)) = pt.runs.range(cur..=last).next() {
+            pt.runs.remove(&k);
             let r_last = k + r.len - 1;
             let lo = k.max(iova);
             let hi = r_last.min(last);
@@ -426,10 +424,16 @@ impl PagingDomain for MockDomain {
                     },
                 );
             }
+            match r_last.checked_add(1) {
+                Some(n) if n <= last => cur = n,
+                _ => break,
+            }
         }
-        let dirty: Vec<u64> = pt.dirty.range(iova..=last).copied().collect();
-        for d in dirty {
-            pt.dirty.remove(&d);
+        if !pt.dirty.is_empty() {
+            let dirty: Vec<u64> = pt.dirty.range(iova..=last).copied().collect();
+            for d in dirty {
+                pt.dirty.remove(&d);
+            }
         }
         removed
     }
