@@ -1774,6 +1774,9 @@ impl Iommufd {
             return Ok(());
         };
         let mut record = |d_iova: u64, d_len: u64| {
+            if d_len == 0 {
+                return;
+            }
             let lo = d_iova.max(iova);
             let hi = d_iova.saturating_add(d_len - 1).min(last);
             if lo > hi {
@@ -2067,7 +2070,10 @@ impl Iommufd {
         // internal access and require physical contiguity.
         let offset = nesting_parent_iova % PAGE_SIZE;
         let aligned = nesting_parent_iova - offset;
-        let npages = (offset + length).div_ceil(PAGE_SIZE);
+        let npages = offset
+            .checked_add(length)
+            .map(|end| end.div_ceil(PAGE_SIZE))
+            .unwrap_or(u64::MAX);
         let Some(pin_len) = npages.checked_mul(PAGE_SIZE) else {
             c.table.release(id);
             return Err(Errno::ERANGE);

@@ -3006,6 +3006,11 @@ mod iommufd_viommu {
             c.hw_queue_alloc(0, v, st, 0, u64::MAX, PAGE_SIZE),
             Err(Errno::EOVERFLOW)
         );
+        // The page-aligned covering range does not fit in 64 bits.
+        assert_eq!(
+            c.hw_queue_alloc(0, v, st, 0, 1, u64::MAX),
+            Err(Errno::ERANGE)
+        );
         assert_eq!(
             c.hw_queue_alloc(0, f.ioas_id, st, 0, iova, PAGE_SIZE),
             Err(Errno::ENOENT)
