@@ -254,7 +254,7 @@ fn run(ops: &[Op]) {
         let hwpt = |s: u32| {
             pick(
                 c,
-                if s % 2 == 0 {
+                if s.is_multiple_of(2) {
                     T::HwptPaging
                 } else {
                     T::HwptNested
@@ -421,12 +421,12 @@ fn run(ops: &[Op]) {
                 for f in fds.values() {
                     if let Some(f) = f.downcast_ref::<FaultFd>() {
                         let mut b = [0u8; 80];
-                        if let Ok(n) = f.read(&mut b) {
-                            if n >= 40 {
-                                let mut r = b[36..40].to_vec();
-                                r.extend_from_slice(&0u32.to_le_bytes());
-                                let _ = f.write(&r);
-                            }
+                        if let Ok(n) = f.read(&mut b)
+                            && n >= 40
+                        {
+                            let mut r = b[36..40].to_vec();
+                            r.extend_from_slice(&0u32.to_le_bytes());
+                            let _ = f.write(&r);
                         }
                     }
                 }
