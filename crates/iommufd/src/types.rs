@@ -217,8 +217,9 @@ impl<'a> UserData<'a> {
         }
     }
 
-    /// `iommu_copy_struct_from_user`: type mismatch → EINVAL, `len < min_len` → EINVAL, then
-    /// `copy_struct_from_user` into a zeroed `kernel_size` buffer (E2BIG, EFAULT).
+    /// `iommu_copy_struct_from_user`: type mismatch → EINVAL; `len < min_len` or
+    /// `len > kernel_size` → EINVAL (`__iommu_copy_struct_from_user` refuses a user struct
+    /// longer than the kernel's); then copied into a zeroed `kernel_size` buffer (EFAULT).
     pub fn copy_struct(
         &self,
         data_type: u32,
@@ -228,14 +229,14 @@ impl<'a> UserData<'a> {
         if self.data_type != data_type {
             return Err(Errno::EINVAL);
         }
-        if (self.len as usize) < min_len {
+        if (self.len as usize) < min_len || (self.len as usize) > kernel_size {
             return Err(Errno::EINVAL);
         }
         copy_struct_from_user(kernel_size, self.buf.as_deref(), self.len as usize)
     }
 
-    /// `iommu_copy_struct_to_user`: type mismatch → EINVAL, `len < min_len` → EINVAL; copies
-    /// `min(len, src.len())` bytes and clears the rest of the user's `len` bytes (EFAULT).
+    /// `iommu_copy_struct_to_user`: type mismatch → EINVAL, `len < min_len` or a user struct
+    /// longer than `src` → EINVAL; copies the user's `len` bytes of `src` (EFAULT).
     pub fn copy_to_user(
         &mut self,
         data_type: u32,
@@ -246,7 +247,7 @@ impl<'a> UserData<'a> {
             return Err(Errno::EINVAL);
         }
         let len = self.len as usize;
-        if len < min_len {
+        if len < min_len || len > src.len() {
             return Err(Errno::EINVAL);
         }
         let dst = self.buf.as_deref_mut().ok_or(Errno::EFAULT)?;
@@ -408,10 +409,24 @@ mod tests {
     }
 
     #[test]
-    fn user_data_copy_out_clears_the_tail() {
+    fn user_data_copy_rules() {
         let mut buf = [0xffu8; 6];
         let mut d = UserData::new(5, &mut buf);
-        d.copy_to_user(5, 2, &[1, 2, 3]).unwrap();
-        assert_eq!(buf, [1, 2, 3, 0, 0, 0]);
+        // A user struct longer than the kernel's is refused, as is a type mismatch.
+        assert_eq!(d.copy_to_user(5, 2, &[1, 2, 3]), Err(Errno::EINVAL));
+        assert_eq!(d.copy_to_user(6, 2, &[0; 8]), Err(Errno::EINVAL));
+        d.copy_to_user(5, 2, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        assert_eq!(buf, [1, 2, 3, 4, 5, 6]);
+        let mut small = [1u8, 2];
+        let d = UserData::new(5, &mut small);
+        assert_eq!(d.copy_struct(5, 2, 4).unwrap(), vec![1, 2, 0, 0]);
+        assert_eq!(d.copy_struct(5, 3, 4), Err(Errno::EINVAL));
+        assert_eq!(d.copy_struct(5, 1, 1), Err(Errno::EINVAL));
+        let null = UserData {
+            data_type: 5,
+            len: 2,
+            buf: None,
+        };
+        assert_eq!(null.copy_struct(5, 2, 4), Err(Errno::EFAULT));
     }
 }

@@ -2557,6 +2557,13 @@ mod iommufd_viommu {
                 c.viommu_alloc(0, st, f.device_id, f.hwpt_id, &mut short),
                 Err(Errno::EINVAL)
             );
+            // Longer than the kernel's struct (24 bytes): EINVAL, even with a zero tail.
+            let mut long = [0u8; 32];
+            let mut long = UserData::new(st, &mut long);
+            assert_eq!(
+                c.viommu_alloc(0, st, f.device_id, f.hwpt_id, &mut long),
+                Err(Errno::EINVAL)
+            );
             let mut null = UserData {
                 data_type: st,
                 len: 24,
