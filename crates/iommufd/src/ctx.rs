@@ -114,6 +114,8 @@ struct Access {
     ioas: Option<ObjectId>,
     ops: Option<Arc<dyn AccessOps>>,
     iova_alignment: u64,
+    /// Set while the access moves or goes away: new pins are refused (ENOENT).
+    pin_blocked: bool,
 }
 
 struct FaultObj {
@@ -578,7 +580,6 @@ impl Ctx {
     /// `iommufd_hw_pagetable_attach`.
     fn hwpt_attach(&mut self, hwpt: ObjectId, dev_id: ObjectId, pasid: u32) -> Result<(), Errno> {
         let group = self.device(dev_id)?.group;
-        self.check_pasid_compat(hwpt, group, pasid)?;
         let (old_hwpt, already) = {
             let g = self.groups.get(&group);
             let a = g.and_then(|g| g.pasid_attach.get(&pasid));
@@ -600,7 +601,16 @@ impl Ctx {
         {
             resv_added = self.attach_resv(dev_id, p)?;
         }
-        if let Err(e) = self.driver_attach(dev_id, pasid, hwpt, None) {
+        // iommufd_hwpt_attach_device runs for the group's first device only: the PASID
+        // compatibility check, then the driver. The model asks the driver to attach every
+        // device as it joins (a group is the set of its bound devices).
+        let first = old_hwpt.is_none();
+        let r = if first {
+            self.check_pasid_compat(hwpt, group, pasid)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = r.and_then(|_| self.driver_attach(dev_id, pasid, hwpt, None)) {
             if resv_added {
                 self.remove_resv(dev_id);
             }
@@ -669,8 +679,8 @@ impl Ctx {
         if old == hwpt {
             return Ok(None);
         }
-        self.check_pasid_compat(hwpt, group, pasid)?;
-        // Reserved regions move to the new paging parent's IOAS for RID replaces.
+        // Reserved regions move to the new paging parent's IOAS for RID replaces, then
+        // iommufd_hwpt_replace_device checks PASID compatibility and asks the driver.
         let mut moved_resv: Vec<(ObjectId, Option<ObjectId>)> = Vec::new();
         if pasid == NO_PASID
             && let Some(p) = self.find_hwpt_paging(hwpt)
@@ -695,6 +705,13 @@ impl Ctx {
                     }
                 }
             }
+        }
+        if let Err(e) = self.check_pasid_compat(hwpt, group, pasid) {
+            for (d, prev) in moved_resv {
+                self.remove_resv(d);
+                self.restore_resv(d, prev);
+            }
+            return Err(e);
         }
         let mut done: Vec<ObjectId> = Vec::new();
         for &d in &devices {
@@ -751,6 +768,7 @@ impl Ctx {
         flags: u32,
         data: Option<&mut UserData<'_>>,
         auto_domain: bool,
+        immediate_attach: Option<u32>,
     ) -> Result<ObjectId, Errno> {
         let valid = hwpt_flags::NEST_PARENT
             | hwpt_flags::DIRTY_TRACKING
@@ -780,24 +798,16 @@ impl Ctx {
                     return Err(e);
                 }
             };
-        let ioas = match self.ioas.get_mut(&ioas_id.0) {
-            Some(i) => i,
-            None => {
-                self.table.release(id);
-                return Err(Errno::ENOENT);
-            }
-        };
-        if let Err(e) = ioas.iopt.add_domain(id, Arc::clone(&domain)) {
+        if !self.ioas.contains_key(&ioas_id.0) {
             self.table.release(id);
-            return Err(e);
+            return Err(Errno::ENOENT);
         }
-        ioas.hwpts.push(id);
         self.table.get(ioas_id);
         self.hwpt_paging.insert(
             id.0,
             HwptPaging {
                 ioas: ioas_id,
-                domain,
+                domain: Arc::clone(&domain),
                 driver,
                 nest_parent: flags & hwpt_flags::NEST_PARENT != 0,
                 auto_domain,
@@ -805,6 +815,35 @@ impl Ctx {
                 fault: None,
             },
         );
+        let abort = |c: &mut Ctx| {
+            c.hwpt_paging.remove(&id.0);
+            c.table.put(ioas_id);
+            c.table.release(id);
+        };
+        // immediate_attach: the attach-through-an-IOAS path attaches the device before the
+        // domain is loaded (iommufd_hwpt_paging_alloc), so its errors come first.
+        if let Some(pasid) = immediate_attach
+            && let Err(e) = self.hwpt_attach(id, dev_id, pasid)
+        {
+            abort(self);
+            return Err(e);
+        }
+        let added = match self.ioas.get_mut(&ioas_id.0) {
+            Some(ioas) => ioas.iopt.add_domain(id, domain),
+            None => Err(Errno::ENOENT),
+        };
+        if let Err(e) = added {
+            if let Some(pasid) = immediate_attach
+                && self.hwpt_detach(dev_id, pasid).is_some()
+            {
+                self.table.put(id);
+            }
+            abort(self);
+            return Err(e);
+        }
+        if let Some(ioas) = self.ioas.get_mut(&ioas_id.0) {
+            ioas.hwpts.push(id);
+        }
         Ok(id)
     }
 
@@ -837,13 +876,13 @@ impl Ctx {
                 Err(e) => return Err(e),
             }
         }
-        let h = self.hwpt_paging_alloc(ioas_id, dev_id, 0, None, true)?;
-        let r = if replace {
-            self.hwpt_replace(h, dev_id, pasid)
-        } else {
-            self.hwpt_attach(h, dev_id, pasid).map(|_| None)
-        };
-        match r {
+        if !replace {
+            let h = self.hwpt_paging_alloc(ioas_id, dev_id, 0, None, true, Some(pasid))?;
+            self.table.finalize(h);
+            return Ok((h, None));
+        }
+        let h = self.hwpt_paging_alloc(ioas_id, dev_id, 0, None, true, None)?;
+        match self.hwpt_replace(h, dev_id, pasid) {
             Ok(old) => {
                 self.table.finalize(h);
                 Ok((h, old))
@@ -942,6 +981,7 @@ impl Ctx {
         let ioas_id = self
             .accesses
             .get(&access.0)
+            .filter(|a| !a.pin_blocked)
             .and_then(|a| a.ioas)
             .ok_or(Errno::ENOENT)?;
         let ioas = self.ioas.get_mut(&ioas_id.0).ok_or(Errno::ENOENT)?;
@@ -1558,7 +1598,7 @@ impl Iommufd {
         let id = match ty {
             ObjectType::Ioas => {
                 let data = (data.len != 0).then_some(data);
-                c.hwpt_paging_alloc(pt_id, dev_id, flags, data, false)?
+                c.hwpt_paging_alloc(pt_id, dev_id, flags, data, false, None)?
             }
             ObjectType::HwptPaging => {
                 if flags & !(hwpt_flags::FAULT_ID_VALID | hwpt_flags::PASID) != 0
@@ -2091,6 +2131,7 @@ impl Iommufd {
                 ioas: Some(ioas_id),
                 ops: None,
                 iova_alignment: PAGE_SIZE,
+                pin_blocked: false,
             },
         );
         c.table.get(ioas_id);
@@ -2220,6 +2261,7 @@ impl Iommufd {
                 ioas: Some(ioas_id),
                 ops,
                 iova_alignment: align,
+                pin_blocked: false,
             },
         );
         c.table.finalize(id);
@@ -2229,23 +2271,49 @@ impl Iommufd {
 
     /// Destroy an access created with [`Iommufd::access_create`] (its pins must be gone).
     pub fn access_destroy(&self, access: ObjectId) -> Result<(), Errno> {
+        // iommufd_access_destroy_object: detaching from the IOAS first asks the access to
+        // unmap everything (without the lock), so no pin outlives it.
+        let ops = {
+            let mut c = self.inner.ctx.lock();
+            c.table.check(access, ObjectType::Access)?;
+            let a = c.accesses.get_mut(&access.0).ok_or(Errno::ENOENT)?;
+            a.pin_blocked = true;
+            a.ops.clone()
+        };
+        if let Some(ops) = ops {
+            ops.unmap(self, access, 0, ULONG_MAX);
+        }
         let mut c = self.inner.ctx.lock();
-        c.table.check(access, ObjectType::Access)?;
         c.access_teardown(access);
         Ok(())
     }
 
-    /// `iommufd_access_replace`: move the access to another IOAS (its pins are released first
-    /// through its unmap callback).
+    /// `iommufd_access_replace`: move the access to another IOAS. The new IOAS takes it first
+    /// (its alignment may refuse: EADDRINUSE, nothing changes); then the access is asked to
+    /// unmap everything of the old one, and leaves it. Pins are refused (ENOENT) meanwhile.
     pub fn access_replace_ioas(&self, access: ObjectId, ioas_id: ObjectId) -> Result<(), Errno> {
         let (old, ops) = {
             let mut c = self.inner.ctx.lock();
             c.table.check(access, ObjectType::Access)?;
             let a = c.accesses.get(&access.0).ok_or(Errno::ENOENT)?;
-            let (old, ops) = (a.ioas.ok_or(Errno::ENOENT)?, a.ops.clone());
+            let (old, ops, align) = (
+                a.ioas.ok_or(Errno::ENOENT)?,
+                a.ops.clone(),
+                a.iova_alignment,
+            );
             c.ioas_mut(ioas_id)?;
             if old == ioas_id {
                 return Ok(());
+            }
+            let ioas = c.ioas_mut(ioas_id)?;
+            ioas.iopt.accesses.insert(access, align);
+            if let Err(e) = ioas.iopt.calculate_alignment() {
+                ioas.iopt.accesses.remove(&access);
+                return Err(e);
+            }
+            c.table.get(ioas_id);
+            if let Some(a) = c.accesses.get_mut(&access.0) {
+                a.pin_blocked = true;
             }
             (old, ops)
         };
@@ -2253,18 +2321,6 @@ impl Iommufd {
             ops.unmap(self, access, 0, ULONG_MAX);
         }
         let mut c = self.inner.ctx.lock();
-        let align = c
-            .accesses
-            .get(&access.0)
-            .map(|a| a.iova_alignment)
-            .ok_or(Errno::ENOENT)?;
-        let ioas = c.ioas_mut(ioas_id)?;
-        ioas.iopt.accesses.insert(access, align);
-        if let Err(e) = ioas.iopt.calculate_alignment() {
-            ioas.iopt.accesses.remove(&access);
-            return Err(e);
-        }
-        c.table.get(ioas_id);
         if let Some(o) = c.ioas.get_mut(&old.0) {
             o.iopt.accesses.remove(&access);
             let _ = o.iopt.calculate_alignment();
@@ -2272,6 +2328,7 @@ impl Iommufd {
         c.table.put(old);
         if let Some(a) = c.accesses.get_mut(&access.0) {
             a.ioas = Some(ioas_id);
+            a.pin_blocked = false;
         }
         Ok(())
     }

@@ -197,6 +197,80 @@ mod iommufd {
         );
     }
 }
+mod iommufd_groups {
+    pub use super::iommufd::{F, setup};
+    use super::*;
+
+    pub struct Variant;
+    impl Variant {
+        pub fn groups() -> super::iommufd::Variant {
+            super::iommufd::Variant::only()
+        }
+    }
+
+    /// Devices sharing an iommu_group attach together: one HWPT per PASID for the group.
+    pub fn group_attach(f: &F) {
+        let c = &f.env.ictx;
+        let ioas = f.env.ioas();
+        let a = f.env.iommu.new_device(0).unwrap();
+        let b = f.env.iommu.new_device_in_group(0, &a).unwrap();
+        let da = c.bind_device(a, None).unwrap();
+        let db = c.bind_device(b, None).unwrap();
+        let h1 = c
+            .hwpt_alloc(0, da, ioas, &mut none_data(), ObjectId(0))
+            .unwrap();
+        let h2 = c
+            .hwpt_alloc(0, da, ioas, &mut none_data(), ObjectId(0))
+            .unwrap();
+        c.attach(da, NO_PASID, h1).unwrap();
+        // The other device of the group must follow the group's HWPT.
+        assert_eq!(c.attach(db, NO_PASID, h2), Err(Errno::EINVAL));
+        c.attach(db, NO_PASID, h1).unwrap();
+        assert_eq!(c.object_users(h1), 3);
+        // Replace moves the whole group; the references move with it.
+        c.replace(da, NO_PASID, h2).unwrap();
+        assert_eq!(c.attached_hwpt(db, NO_PASID), Some(h2));
+        assert_eq!(c.object_users(h1), 1);
+        assert_eq!(c.object_users(h2), 3);
+        c.destroy(h1).unwrap();
+        c.detach(da, NO_PASID);
+        assert_eq!(c.attached_hwpt(db, NO_PASID), Some(h2));
+        c.detach(db, NO_PASID);
+        c.destroy(h2).unwrap();
+        // Binding the same device twice is refused (DMA ownership is claimed).
+        let dev = c.device_handle(da).unwrap();
+        assert_eq!(c.bind_device(dev, None), Err(Errno::EBUSY));
+        c.unbind_device(da).unwrap();
+        c.unbind_device(db).unwrap();
+        assert_eq!(c.unbind_device(db), Err(Errno::ENOENT));
+    }
+
+    /// Attaching through an IOAS attaches the device to the new auto domain before the
+    /// domain is loaded (immediate attach), so attach errors come before aperture errors.
+    pub fn auto_domain_attach_errors_first(f: &F) {
+        let c = &f.env.ictx;
+        let ioas = f.env.ioas();
+        c.ioas_allow_iovas(ioas, 1, &[IovaRange::new(0x1000, 0x1fff)])
+            .unwrap();
+        let dev = f.env.iommu.new_device(MOCK_FLAGS_DEVICE_PASID).unwrap();
+        let d = c.bind_device(dev, None).unwrap();
+        let before = c.object_count();
+        // A PASID attach through an IOAS: auto domains are not PASID-compatible (EINVAL),
+        // reported before the aperture conflict with the allowed range (EADDRINUSE).
+        assert_eq!(c.attach(d, 5, ioas), Err(Errno::EINVAL));
+        assert_eq!(c.attach(d, NO_PASID, ioas), Err(Errno::EADDRINUSE));
+        assert_eq!(c.object_count(), before);
+        assert_eq!(c.attached_hwpt(d, NO_PASID), None);
+        assert_eq!(c.object_users(d), 2, "no attached reference left behind");
+        c.unbind_device(d).unwrap();
+    }
+}
+variant_tests!(
+    iommufd_groups,
+    groups,
+    [group_attach, auto_domain_attach_errors_first]
+);
+
 variant_tests!(
     iommufd,
     only,
@@ -1123,6 +1197,31 @@ mod iommufd_ioas {
         a.close().unwrap();
     }
 
+    pub fn access_destroy_and_replace(f: &F) {
+        let c = f.c();
+        let a = MockAccess::create(c, f.ioas_id, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES).unwrap();
+        f.env
+            .map_fixed(f.ioas_id, BUFFER, BUFFER_SIZE, f.base_iova)
+            .unwrap();
+        a.pin_pages(0, f.base_iova, 4 * PAGE_SIZE).unwrap();
+        // A replace refused by the new IOAS's alignment changes nothing.
+        let odd = f.env.ioas();
+        f.env
+            .map_fixed(odd, BUFFER + 1, PAGE_SIZE, 0x100001)
+            .unwrap();
+        assert_eq!(a.replace_ioas(odd), Err(Errno::EADDRINUSE));
+        assert_eq!(a.items(), 1);
+        a.pin_pages(0, f.base_iova, PAGE_SIZE).unwrap();
+        // Destroying an access with pins asks it to unmap everything first.
+        c.access_destroy(a.id()).unwrap();
+        assert_eq!(a.items(), 0);
+        assert_eq!(a.unmaps.lock().last().copied(), Some((0, u64::MAX)));
+        assert_eq!(c.object_type(a.id()), None);
+        f.env.unmap(f.ioas_id, 0, u64::MAX).unwrap();
+        f.env.check_refs(BUFFER, BUFFER_SIZE, 0);
+        c.destroy(f.ioas_id).unwrap_or(());
+    }
+
     pub fn access_rw(f: &F) {
         let c = f.c();
         let a = MockAccess::create(c, f.ioas_id, 0).unwrap();
@@ -1465,6 +1564,7 @@ variant_tests!(
         access_domain_destroy,
         access_pin,
         access_pin_unmap,
+        access_destroy_and_replace,
         access_rw,
         access_rw_unaligned,
         fork_gone,
@@ -1497,6 +1597,7 @@ variant_tests!(
         access_domain_destroy,
         access_pin,
         access_pin_unmap,
+        access_destroy_and_replace,
         access_rw,
         access_rw_unaligned,
         fork_gone,
@@ -1529,6 +1630,7 @@ variant_tests!(
         access_domain_destroy,
         access_pin,
         access_pin_unmap,
+        access_destroy_and_replace,
         access_rw,
         access_rw_unaligned,
         fork_gone,
