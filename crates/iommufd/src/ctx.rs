@@ -1292,19 +1292,24 @@ impl Iommufd {
     /// and the walk retried; EDEADLK after 100 futile tries.
     pub fn ioas_unmap(&self, ioas_id: ObjectId, iova: u64, length: u64) -> Result<u64, Errno> {
         let all = iova == 0 && length == u64::MAX;
-        let (mut start, last) = {
-            let mut c = self.inner.ctx.lock();
-            c.ioas_mut(ioas_id)?;
-            if all {
-                (0, ULONG_MAX)
-            } else {
-                if iova == ULONG_MAX || length == ULONG_MAX {
-                    return Err(Errno::EOVERFLOW);
-                }
-                if length == 0 {
-                    return Err(Errno::EINVAL);
-                }
-                (iova, iova.checked_add(length - 1).ok_or(Errno::EOVERFLOW)?)
+        let range = if all {
+            Ok((0, ULONG_MAX))
+        } else if iova == ULONG_MAX || length == ULONG_MAX {
+            Err(Errno::EOVERFLOW)
+        } else if length == 0 {
+            Err(Errno::EINVAL)
+        } else {
+            iova.checked_add(length - 1)
+                .map(|last| (iova, last))
+                .ok_or(Errno::EOVERFLOW)
+        };
+        // The IOAS lookup (ENOENT) comes before the argument checks; it is repeated on
+        // every pass below, under the same lock as the walk.
+        let (mut start, last) = match range {
+            Ok(r) => r,
+            Err(e) => {
+                self.inner.ctx.lock().ioas_mut(ioas_id)?;
+                return Err(e);
             }
         };
         let mut unmapped = 0u64;

@@ -397,9 +397,9 @@ fn map_area_into(
     a: &Area,
 ) -> Result<(), Errno> {
     let mut mapped = 0u64;
-    let runs = a.pages.phys_runs(a.start_byte, a.length());
-    let res = (|| {
-        for (off, pa, len) in runs {
+    let res = a
+        .pages
+        .for_each_run(a.start_byte, a.length(), |off, pa, len| {
             let iova = a.iova + (off - a.start_byte);
             if disable_large_pages {
                 // batch_iommu_map_small: one PAGE_SIZE piece at a time.
@@ -415,9 +415,8 @@ fn map_area_into(
                 d.map(iova, pa, len, a.prot)?;
                 mapped += len;
             }
-        }
-        Ok(())
-    })();
+            Ok(())
+        });
     if res.is_err() && mapped != 0 {
         d.unmap(a.iova, mapped);
     }
@@ -509,7 +508,19 @@ impl Iopt {
                 self.alloc_iova(addr, length)?
             }
         };
-        let mut inserted: Vec<u64> = Vec::new();
+        if let [elm] = elms {
+            // The common single-piece map, without bookkeeping allocations.
+            self.insert_area(elm, iova, prot)?;
+            let (areas, domains) = (&mut self.areas, &self.domains);
+            if let Some(a) = areas.get_mut(&iova)
+                && let Err(e) = fill_area(domains, self.disable_large_pages, a)
+            {
+                self.areas.remove(&iova);
+                return Err(e);
+            }
+            return Ok(iova);
+        }
+        let mut inserted: Vec<u64> = Vec::with_capacity(elms.len());
         let mut at = iova;
         for elm in elms {
             match self.insert_area(elm, at, prot) {

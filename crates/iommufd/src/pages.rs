@@ -18,12 +18,17 @@ pub(crate) struct Pages {
     pins: Mutex<PinTable>,
 }
 
+#[derive(Clone, Copy, Default)]
+struct PinEntry {
+    /// Users of the page (each area loaded in the domains counts once, plus access pins).
+    users: u32,
+    pa: u64,
+}
+
+/// Per-page pin state; empty until the first pin.
 #[derive(Default)]
 struct PinTable {
-    /// Users per page (domains' areas count once each, plus access pins); empty until the
-    /// first pin.
-    users: Vec<u32>,
-    pa: Vec<u64>,
+    pages: Vec<PinEntry>,
 }
 
 impl Pages {
@@ -72,21 +77,20 @@ impl Pages {
     /// Take one user on pages `[first, last]`, pinning in the backing those that had none.
     pub(crate) fn pin(&self, first: u64, last: u64) -> Result<(), Errno> {
         let mut t = self.pins.lock();
-        if t.users.is_empty() {
+        if t.pages.is_empty() {
             let n = usize::try_from(self.npages()).map_err(|_| Errno::ENOMEM)?;
-            t.users = vec![0; n];
-            t.pa = vec![0; n];
+            t.pages = vec![PinEntry::default(); n];
         }
         // Pin each run of currently unpinned pages; undo this call's pins on failure.
         let mut done: Vec<(u64, u64)> = Vec::new();
         let mut p = first;
         while p <= last {
-            if t.users[p as usize] != 0 {
+            if t.pages[p as usize].users != 0 {
                 p += 1;
                 continue;
             }
             let mut q = p;
-            while q < last && t.users[q as usize + 1] == 0 {
+            while q < last && t.pages[q as usize + 1].users == 0 {
                 q += 1;
             }
             let n = q - p + 1;
@@ -99,7 +103,7 @@ impl Pages {
                     for run in runs {
                         for k in 0..run.npages {
                             if idx <= q {
-                                t.pa[idx as usize] = run.pa + k * PAGE_SIZE;
+                                t.pages[idx as usize].pa = run.pa + k * PAGE_SIZE;
                                 idx += 1;
                             }
                         }
@@ -109,7 +113,10 @@ impl Pages {
                         self.undo(&done);
                         return Err(Errno::EFAULT);
                     }
-                    done.push((p, n));
+                    if p != first || q != last {
+                        // Only a call that pins in several runs needs an undo list.
+                        done.push((p, n));
+                    }
                 }
                 Err(e) => {
                     self.undo(&done);
@@ -118,8 +125,8 @@ impl Pages {
             }
             p = q + 1;
         }
-        for i in first..=last {
-            t.users[i as usize] += 1;
+        for e in &mut t.pages[first as usize..=last as usize] {
+            e.users += 1;
         }
         Ok(())
     }
@@ -133,21 +140,21 @@ impl Pages {
     /// Drop one user on pages `[first, last]`, unpinning those that reach zero.
     pub(crate) fn unpin(&self, first: u64, last: u64) {
         let mut t = self.pins.lock();
-        if t.users.is_empty() {
+        if t.pages.is_empty() {
             return;
         }
         let mut p = first;
         while p <= last {
-            let u = &mut t.users[p as usize];
+            let u = &mut t.pages[p as usize].users;
             *u = u.saturating_sub(1);
             if *u != 0 {
                 p += 1;
                 continue;
             }
             let mut q = p;
-            while q < last && t.users[q as usize + 1] == 1 {
+            while q < last && t.pages[q as usize + 1].users == 1 {
                 q += 1;
-                t.users[q as usize] = 0;
+                t.pages[q as usize].users = 0;
             }
             self.backing.unpin(self.base() + p * PAGE_SIZE, q - p + 1);
             p = q + 1;
@@ -157,30 +164,42 @@ impl Pages {
     /// Physical address of pinned page `idx`.
     pub(crate) fn pa(&self, idx: u64) -> Option<u64> {
         let t = self.pins.lock();
-        let i = usize::try_from(idx).ok()?;
-        (t.users.get(i).copied().unwrap_or(0) != 0).then(|| t.pa[i])
+        let e = t.pages.get(usize::try_from(idx).ok()?)?;
+        (e.users != 0).then_some(e.pa)
     }
 
-    /// Physically contiguous runs `(byte offset from base, pa, len)` covering
-    /// `[start_byte, start_byte + len)`; all its pages must be pinned.
-    pub(crate) fn phys_runs(&self, start_byte: u64, len: u64) -> Vec<(u64, u64, u64)> {
+    /// Call `f(byte offset from base, pa, len)` for each physically contiguous run covering
+    /// `[start_byte, start_byte + len)` (all its pages pinned), stopping at the first error.
+    pub(crate) fn for_each_run(
+        &self,
+        start_byte: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, u64) -> Result<(), Errno>,
+    ) -> Result<(), Errno> {
         let t = self.pins.lock();
-        let mut out: Vec<(u64, u64, u64)> = Vec::new();
+        let mut cur: Option<(u64, u64, u64)> = None;
         let mut off = start_byte;
         let end = start_byte + len;
         while off < end {
-            let abs = off;
-            let idx = (abs / PAGE_SIZE) as usize;
-            let in_page = abs % PAGE_SIZE;
+            let idx = (off / PAGE_SIZE) as usize;
+            let in_page = off % PAGE_SIZE;
             let n = (PAGE_SIZE - in_page).min(end - off);
-            let pa = t.pa.get(idx).copied().unwrap_or(0) + in_page;
-            match out.last_mut() {
-                Some(last) if last.1 + last.2 == pa => last.2 += n,
-                _ => out.push((off, pa, n)),
+            let pa = t.pages.get(idx).map_or(0, |e| e.pa) + in_page;
+            match cur.as_mut() {
+                Some(c) if c.1 + c.2 == pa => c.2 += n,
+                _ => {
+                    if let Some((o, p, l)) = cur.take() {
+                        f(o, p, l)?;
+                    }
+                    cur = Some((off, pa, n));
+                }
             }
             off += n;
         }
-        out
+        match cur {
+            Some((o, p, l)) => f(o, p, l),
+            None => Ok(()),
+        }
     }
 
     /// Copy between the backing and `buf` at byte offset `start_byte` (from `base`).
