@@ -81,6 +81,10 @@ impl Pages {
             let n = usize::try_from(self.npages()).map_err(|_| Errno::ENOMEM)?;
             t.pages = vec![PinEntry::default(); n];
         }
+        if first > last || last >= t.pages.len() as u64 {
+            // Callers pass indexes inside the mapping; anything else is refused, not indexed.
+            return Err(Errno::EFAULT);
+        }
         // Pin each run of currently unpinned pages; undo this call's pins on failure.
         let mut done: Vec<(u64, u64)> = Vec::new();
         let mut p = first;
@@ -140,7 +144,7 @@ impl Pages {
     /// Drop one user on pages `[first, last]`, unpinning those that reach zero.
     pub(crate) fn unpin(&self, first: u64, last: u64) {
         let mut t = self.pins.lock();
-        if t.pages.is_empty() {
+        if first > last || last >= t.pages.len() as u64 {
             return;
         }
         let mut p = first;
@@ -210,5 +214,85 @@ impl Pages {
         } else {
             self.backing.read(addr, buf)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backing::{PhysBacking, SparseMemory};
+
+    fn pages(addr: u64, len: u64) -> (Arc<PhysBacking<SparseMemory>>, Pages) {
+        let b = Arc::new(PhysBacking::new(SparseMemory::new(1 << 24), 0, 1 << 24));
+        let p = Pages::new(Arc::clone(&b) as Arc<dyn Backing>, addr, len, true).unwrap();
+        (b, p)
+    }
+
+    #[test]
+    fn overlapping_users_pin_each_page_once() {
+        let (b, p) = pages(0x10_0000, 8 * PAGE_SIZE);
+        p.pin(0, 3).unwrap();
+        p.pin(2, 5).unwrap();
+        for i in 0..6 {
+            assert_eq!(b.pin_count(0x10_0000 + i * PAGE_SIZE), 1, "page {i}");
+        }
+        assert_eq!(b.pin_count(0x10_0000 + 6 * PAGE_SIZE), 0);
+        p.unpin(0, 3);
+        assert_eq!(
+            b.total_pins(),
+            4,
+            "pages 2..=5 still held by the second user"
+        );
+        assert_eq!(p.pa(2), Some(0x10_2000));
+        assert_eq!(p.pa(0), None);
+        p.unpin(2, 5);
+        assert_eq!(b.total_pins(), 0);
+        // Out-of-range indexes are refused, not indexed.
+        assert_eq!(p.pin(7, 8), Err(Errno::EFAULT));
+        assert_eq!(p.pin(3, 2), Err(Errno::EFAULT));
+        p.unpin(7, 100);
+    }
+
+    #[test]
+    fn a_failed_pin_undoes_its_earlier_runs() {
+        let (b, p) = pages(0x20_0000, 8 * PAGE_SIZE);
+        p.pin(2, 2).unwrap();
+        b.punch_hole(0x20_0000 + 5 * PAGE_SIZE, PAGE_SIZE);
+        // Runs [0,1] and [3,7]: the second fails, the first is unpinned again.
+        assert_eq!(p.pin(0, 7), Err(Errno::EFAULT));
+        assert_eq!(b.total_pins(), 1);
+    }
+
+    #[test]
+    fn runs_merge_contiguous_pages_and_keep_sub_page_offsets() {
+        let (_, p) = pages(0x30_0800, 3 * PAGE_SIZE);
+        assert_eq!(p.npages(), 4);
+        assert_eq!(p.first_byte(), 0x800);
+        p.pin(0, 3).unwrap();
+        let mut runs = Vec::new();
+        p.for_each_run(0x800, 3 * PAGE_SIZE, |o, pa, l| {
+            runs.push((o, pa, l));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(runs, vec![(0x800, 0x30_0800, 3 * PAGE_SIZE)]);
+        p.unpin(0, 3);
+    }
+
+    #[test]
+    fn creation_checks() {
+        let b: Arc<dyn Backing> = Arc::new(PhysBacking::new(SparseMemory::new(4096), 0, 4096));
+        assert_eq!(
+            Pages::new(Arc::clone(&b), u64::MAX, 2, true).err(),
+            Some(Errno::EOVERFLOW)
+        );
+        assert_eq!(
+            Pages::new(Arc::clone(&b), 0, 0, true).err(),
+            Some(Errno::EINVAL)
+        );
+        assert_eq!(
+            Pages::new(b, 0, u64::MAX - PAGE_SIZE + 1, true).err(),
+            Some(Errno::EINVAL)
+        );
     }
 }
