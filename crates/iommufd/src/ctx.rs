@@ -1535,11 +1535,16 @@ impl Iommufd {
         Ok(id)
     }
 
-    /// Unbind a device: detach every PASID, destroy its vDEVICE (leaving a tombstone), free
-    /// the DEVICE object.
+    /// Unbind a device bound with [`Iommufd::bind_device`]: detach every PASID, destroy its
+    /// vDEVICE (leaving a tombstone), free the DEVICE object. ENOENT if not a DEVICE; EBUSY for
+    /// a device a SELFTEST object bound (destroy that object instead).
     pub fn unbind_device(&self, dev_id: ObjectId) -> Result<(), Errno> {
         let mut c = self.inner.ctx.lock();
         c.device(dev_id)?;
+        // A device bound by a SELFTEST object is unbound by destroying that object.
+        if c.selftests.values().any(|s| s.device == dev_id) {
+            return Err(Errno::EBUSY);
+        }
         c.unbind_locked(dev_id);
         Ok(())
     }

@@ -243,6 +243,11 @@ mod iommufd_groups {
         c.unbind_device(da).unwrap();
         c.unbind_device(db).unwrap();
         assert_eq!(c.unbind_device(db), Err(Errno::ENOENT));
+        // A selftest device is unbound through its SELFTEST object only.
+        let (sd, _) = f.env.mock_domain(ioas, 0).unwrap();
+        assert_eq!(c.unbind_device(sd.dev_id), Err(Errno::EBUSY));
+        c.destroy(sd.stdev_id).unwrap();
+        assert_eq!(c.object_type(sd.dev_id), None);
     }
 
     /// Attaching through an IOAS attaches the device to the new auto domain before the
