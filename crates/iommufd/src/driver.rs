@@ -461,6 +461,20 @@ impl ViommuCore {
         Ok(())
     }
 
+    /// Report an event about `dev` (e.g. an SMMU event record whose StreamID must become the
+    /// guest's virtual StreamID): `build` receives the virtual id of `dev`'s vDEVICE and
+    /// returns the payload. ENOENT if `dev` has no vDEVICE on this vIOMMU (the kernel's
+    /// arm-smmu-v3 drops such events), EOPNOTSUPP if there is no vEVENTQ of `event_type`.
+    pub fn report_device_event(
+        &self,
+        dev: &Arc<dyn IommuDevice>,
+        event_type: u32,
+        build: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<(), Errno> {
+        let virt_id = self.virt_id_of(dev).ok_or(Errno::ENOENT)?;
+        self.report_event(event_type, &build(virt_id))
+    }
+
     /// `iommufd_viommu_get_vdev_id`: the virtual id of `dev`'s vDEVICE on this vIOMMU.
     pub fn virt_id_of(&self, dev: &Arc<dyn IommuDevice>) -> Option<u64> {
         self.inner.vdevs.lock().by_dev.get(&dev_key(dev)).copied()

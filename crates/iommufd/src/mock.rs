@@ -579,6 +579,10 @@ impl MockViommu {
     pub fn kvm(&self) -> Option<&KvmRef> {
         self.kvm.as_ref()
     }
+    /// The core services handle this vIOMMU was created with.
+    pub fn core(&self) -> &ViommuCore {
+        &self.core
+    }
     /// HW queue `index` as the driver set it up.
     pub fn hw_queue(&self, index: u32) -> Option<HwQueueInit> {
         self.queues.lock().get(index as usize).copied().flatten()

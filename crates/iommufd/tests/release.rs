@@ -292,3 +292,79 @@ fn events_reported_from_other_threads_are_all_accounted_for() {
     c.replace(d.dev_id, NO_PASID, ioas).unwrap();
     env.teardown();
 }
+
+#[test]
+fn driver_reports_device_events_with_the_virtual_id() {
+    let env = Env::new();
+    let c = &env.ictx;
+    let ioas = env.ioas();
+    let (d, _) = env.mock_domain(ioas, 0).unwrap();
+    let (d2, _) = env.mock_domain(ioas, 0).unwrap();
+    let parent = c
+        .hwpt_alloc(
+            hwpt_flags::NEST_PARENT,
+            d.dev_id,
+            ioas,
+            &mut none_data(),
+            ObjectId(0),
+        )
+        .unwrap();
+    let v = c
+        .viommu_alloc(
+            0,
+            IOMMU_VIOMMU_TYPE_SELFTEST,
+            d.dev_id,
+            parent,
+            &mut none_data(),
+        )
+        .unwrap();
+    let ops = c.viommu_ops(v).unwrap();
+    let core = ops
+        .as_any()
+        .downcast_ref::<MockViommu>()
+        .unwrap()
+        .core()
+        .clone();
+    let dev = c.device_handle(d.dev_id).unwrap();
+    let dev2 = c.device_handle(d2.dev_id).unwrap();
+    // No vEVENTQ of the type yet, and no vDEVICE yet.
+    assert_eq!(
+        core.report_device_event(&dev, 0x77, |_| vec![]),
+        Err(Errno::ENOENT)
+    );
+    let vd = c.vdevice_alloc(v, d.dev_id, 0x0001_2345_6789).unwrap();
+    assert_eq!(
+        core.report_device_event(&dev, 0x77, |_| vec![]),
+        Err(Errno::EOPNOTSUPP)
+    );
+    let q = c.veventq_alloc(0, v, 0x77, 8).unwrap();
+    // From another thread, as a driver's event-queue reader would.
+    let t = {
+        let core = core.clone();
+        let dev = Arc::clone(&dev);
+        thread::spawn(move || {
+            core.report_device_event(&dev, 0x77, |vsid| vsid.to_le_bytes().to_vec())
+        })
+    };
+    t.join().unwrap().unwrap();
+    assert_eq!(
+        core.report_device_event(&dev2, 0x77, |_| vec![]),
+        Err(Errno::ENOENT)
+    );
+    assert_eq!(
+        core.find_device(0x0001_2345_6789)
+            .map(|x| Arc::ptr_eq(&x, &dev)),
+        Some(true)
+    );
+    let mut buf = [0u8; 32];
+    assert_eq!(q.read(&mut buf), Ok(16));
+    assert_eq!(le64(&buf, 8), 0x0001_2345_6789);
+    drop(q);
+    c.destroy(vd).unwrap();
+    assert_eq!(
+        core.virt_id_of(&dev),
+        None,
+        "the vDEVICE is gone from the driver's view too"
+    );
+    env.teardown();
+}
