@@ -14,10 +14,12 @@
 //! from PEs).
 
 pub mod config;
+pub mod frames;
 pub mod mem;
 pub mod regs;
 
 pub use config::{SmmuConfig, StallModel};
+pub use frames::{FrameAllocator, FrameError};
 pub use mem::{MemError, PhysMem, SparseMem};
 pub mod cd;
 pub mod cmd;
