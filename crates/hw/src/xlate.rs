@@ -728,15 +728,24 @@ impl Smmu {
                     }),
                 })
             }
-            (Some(sel), s2) => self.s1_translate(
-                txn,
-                &sel,
-                s2.as_ref(),
-                vmid,
-                access,
-                (privcfg, instcfg),
-                want_fill,
-            ),
+            (Some(sel), s2) => {
+                // IHI0070 13.4.1: an EL2 (non-E2H) stage 1 ignores AP[1] and checks every
+                // access as privileged, whatever PRIV and STE.PRIVCFG say.
+                let (access, privcfg) = if sel.world == World::El2 {
+                    (Access::new(access.kind, true), AttrOverride::Force(true))
+                } else {
+                    (access, privcfg)
+                };
+                self.s1_translate(
+                    txn,
+                    &sel,
+                    s2.as_ref(),
+                    vmid,
+                    access,
+                    (privcfg, instcfg),
+                    want_fill,
+                )
+            }
         }
     }
 
@@ -982,7 +991,7 @@ impl Smmu {
     fn cd_config(
         &self,
         txn: &Transaction,
-        _live: &Live,
+        live: &Live,
         s1: &S1Ctx,
         s2: Option<&S2Config>,
         idx: u32,
@@ -1037,10 +1046,12 @@ impl Smmu {
                 .read_u64(a)
                 .map_err(|_| Fail::Fault(XFault::fetch(EventType::FCdFetch, a)))?;
         }
-        let world = if s1.world == StreamWorld::El2 {
-            StreamWorld::El2
-        } else {
-            StreamWorld::NsEl1
+        // STRW = EL2 is the EL2-E2H world while CR2.E2H = 1 (IHI0070 3.17.5): its CDs have
+        // two VA ranges and an ASID, as an EL1 CD does.
+        let world = match s1.world {
+            StreamWorld::NsEl1 => StreamWorld::NsEl1,
+            StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => StreamWorld::El2E2h,
+            StreamWorld::El2 | StreamWorld::El2E2h => StreamWorld::El2,
         };
         let cd = decode_cd(&ContextDescriptor::from_dwords(d), world, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadCd)))?;
@@ -1114,13 +1125,14 @@ impl Smmu {
             va
         };
         let kind = if s2.is_some() { Kind::Nested } else { Kind::S1 };
-        // EL2 (non-E2H) entries have no ASID; NS-EL1 entries carry the VMID.
-        let (vm, asid) = match sel.world {
-            World::NsEl1 => (vmid, Some(sel.cd.asid)),
-            World::El2 => (0, None),
-            World::El2E2h => (0, Some(sel.cd.asid)),
+        // IHI0070 3.17: NS-EL1 entries carry the VMID and (non-global) the ASID; EL2-E2H
+        // entries the ASID only; EL2 entries neither, nor an ASET (permitted, not required).
+        let (vm, asid, aset) = match sel.world {
+            World::NsEl1 => (vmid, Some(sel.cd.asid), sel.cd.aset),
+            World::El2 => (0, None, false),
+            World::El2E2h => (0, Some(sel.cd.asid), sel.cd.aset),
         };
-        let ctx = Ctx::new(sel.world, kind, vm, asid, sel.cd.aset);
+        let ctx = Ctx::new(sel.world, kind, vm, asid, aset);
         let cached = self.tlb.read().lookup(ctx, key_va);
         let entry = match cached {
             Some(e) => {
@@ -1233,8 +1245,20 @@ impl Smmu {
             Err(Ok(f)) => return Err(self.s1_fault(sel, f)),
             Err(Err(fail)) => return Err(fail),
         };
-        let s1perms: S1Perms = t.perms;
-        let ctl = sel.cd.walk.controls();
+        let (s1perms, ctl) = if sel.world == World::El2 {
+            // The EL2 regime (DDI0487 D8.4): one XN bit (bit 54, UXN's place, with
+            // XNTable), no EL0 permission, no PXN and no PAN.
+            let p = t.perms;
+            (
+                S1Perms::new(p.read_only(), false, p.uxn(), p.uxn()),
+                twinmmu_vmsa::S1Controls {
+                    wxn: sel.cd.walk.controls().wxn,
+                    pan: false,
+                },
+            )
+        } else {
+            (t.perms, sel.cd.walk.controls())
+        };
         // Global (nG = 0) entries are tagged with no ASID.
         let ectx = if t.global { ctx.global() } else { ctx };
         let e = match s2 {
