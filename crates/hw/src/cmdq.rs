@@ -116,6 +116,7 @@ impl Smmu {
                 t.cd.remove(&(sid, ssid));
                 t.cfg_gen += 1;
                 drop(t);
+                self.config_changed();
                 self.bump_epoch();
             }
             Command::CfgiCdAll { sid } => {
@@ -123,88 +124,107 @@ impl Smmu {
                 t.cd.retain(|k, _| k.0 != sid);
                 t.cfg_gen += 1;
                 drop(t);
+                self.config_changed();
                 self.bump_epoch();
             }
-            Command::TlbiNhAll { vmid } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::S1_KINDS,
-                vmid: Some(self.cmd_vmid(vmid)),
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: None,
-            }),
-            Command::TlbiNhAsid { vmid, asid } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::S1_KINDS,
-                vmid: Some(self.cmd_vmid(vmid)),
-                asid: AsidMatch::NonGlobal(asid),
-                skip_aset: false,
-                range: None,
-            }),
-            Command::TlbiNhVa { vmid, asid, addr } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::S1_KINDS,
-                vmid: Some(self.cmd_vmid(vmid)),
-                asid: AsidMatch::AsidOrGlobal(asid),
-                skip_aset: false,
-                range: Some(addr.span()),
-            }),
-            Command::TlbiNhVaa { vmid, addr } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::S1_KINDS,
-                vmid: Some(self.cmd_vmid(vmid)),
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: Some(addr.span()),
-            }),
+            Command::TlbiNhAll { vmid } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::S1_KINDS,
+                    vmid: Some(self.cmd_vmid(vmid)),
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: None,
+                });
+            }
+            Command::TlbiNhAsid { vmid, asid } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::S1_KINDS,
+                    vmid: Some(self.cmd_vmid(vmid)),
+                    asid: AsidMatch::NonGlobal(asid),
+                    skip_aset: false,
+                    range: None,
+                });
+            }
+            Command::TlbiNhVa { vmid, asid, addr } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::S1_KINDS,
+                    vmid: Some(self.cmd_vmid(vmid)),
+                    asid: AsidMatch::AsidOrGlobal(asid),
+                    skip_aset: false,
+                    range: Some(addr.span()),
+                });
+            }
+            Command::TlbiNhVaa { vmid, addr } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::S1_KINDS,
+                    vmid: Some(self.cmd_vmid(vmid)),
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: Some(addr.span()),
+                });
+            }
             // IHI0070 4.4.2.7: every EL2 entry, ASID-tagged (EL2-E2H) or not.
-            Command::TlbiEl2All => self.invalidate(InvScope {
-                worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
-                kinds: InvScope::ALL_KINDS,
-                vmid: None,
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: None,
-            }),
+            Command::TlbiEl2All => {
+                self.invalidate(InvScope {
+                    worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
+                    kinds: InvScope::ALL_KINDS,
+                    vmid: None,
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: None,
+                });
+            }
             // IHI0070 4.4.2.10: non-global EL2-E2H entries of the ASID; EL2 entries have no
             // ASID and are not required to be touched.
-            Command::TlbiEl2Asid { asid } => self.invalidate(InvScope {
-                worlds: InvScope::world_bit(World::El2E2h),
-                kinds: InvScope::ALL_KINDS,
-                vmid: None,
-                asid: AsidMatch::NonGlobal(asid),
-                skip_aset: false,
-                range: None,
-            }),
+            Command::TlbiEl2Asid { asid } => {
+                self.invalidate(InvScope {
+                    worlds: InvScope::world_bit(World::El2E2h),
+                    kinds: InvScope::ALL_KINDS,
+                    vmid: None,
+                    asid: AsidMatch::NonGlobal(asid),
+                    skip_aset: false,
+                    range: None,
+                });
+            }
             Command::TlbiEl2Va { asid, addr } => self.el2_va(Some(asid), addr),
             Command::TlbiEl2Vaa { addr } => self.el2_va(None, addr),
-            Command::TlbiS12Vmall { vmid } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::ALL_KINDS,
-                vmid: Some(vmid),
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: None,
-            }),
+            Command::TlbiS12Vmall { vmid } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::ALL_KINDS,
+                    vmid: Some(vmid),
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: None,
+                });
+            }
             // Stage-2-only entries covering the IPA; combined nested entries need not be
             // removed (IHI0070 4.4.3.1), and are not: software follows with NH_ALL or
             // S12_VMALL, as on a PE.
-            Command::TlbiS2Ipa { vmid, addr } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::kind_bit(Kind::S2),
-                vmid: Some(vmid),
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: Some(addr.span()),
-            }),
-            Command::TlbiNsnhAll => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::ALL_KINDS,
-                vmid: None,
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: None,
-            }),
+            Command::TlbiS2Ipa { vmid, addr } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::kind_bit(Kind::S2),
+                    vmid: Some(vmid),
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: Some(addr.span()),
+                });
+            }
+            Command::TlbiNsnhAll => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::ALL_KINDS,
+                    vmid: None,
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: None,
+                });
+            }
             Command::AtcInv {
                 sid,
                 ssid,
@@ -280,7 +300,7 @@ impl Smmu {
         } else {
             (World::El2, AsidMatch::Any)
         };
-        self.invalidate(InvScope {
+        let _ = self.invalidate(InvScope {
             worlds: InvScope::world_bit(world),
             kinds: InvScope::ALL_KINDS,
             vmid: None,
@@ -297,17 +317,25 @@ impl Smmu {
         t.cd.retain(|k, _| !sel(k.0));
         t.cfg_gen += 1;
         drop(t);
+        self.config_changed();
         self.bump_epoch();
     }
 
     /// Removes every TLB entry in `scope`, then publishes the change to the micro-TLBs.
-    pub(crate) fn invalidate(&self, scope: InvScope) {
-        {
-            let mut t = self.tlb.write();
-            t.invalidate(&scope);
+    /// Removes every TLB entry in `scope` (from the store, then from the lookup array),
+    /// then publishes the change to the micro-TLBs. Returns how many entries it removed.
+    pub(crate) fn invalidate(&self, scope: InvScope) -> usize {
+        let removed = {
+            let mut t = self.tlb.lock();
+            let n = t.invalidate(&scope);
+            for e in t.drain_removed() {
+                self.hit.remove(&e);
+            }
             self.tlb_gen.fetch_add(1, Ordering::AcqRel);
-        }
+            n
+        };
         self.bump_epoch();
+        removed
     }
 
     /// CMDQ_CONS.ERR as an enum.

@@ -26,6 +26,7 @@ pub mod cmd;
 pub mod cmdq;
 pub mod dvm;
 pub mod event;
+mod hitpath;
 pub mod port;
 pub mod smmu;
 pub mod ste;

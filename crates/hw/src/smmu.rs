@@ -127,6 +127,10 @@ impl Counter {
     #[inline]
     pub fn inc(&self) {
         let (i, owned) = shard();
+        self.inc_at(i, owned);
+    }
+    #[inline]
+    fn inc_at(&self, i: usize, owned: bool) {
         let a = &self.shards[i];
         if owned {
             a.store(a.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
@@ -165,6 +169,18 @@ pub(crate) struct Counters {
     pub pri_requests: Counter,
     /// Interrupts signalled: `[GERROR, EVENTQ, PRIQ, CMD_SYNC MSI, SEV]`.
     pub irqs: [Counter; 5],
+}
+
+impl Counters {
+    /// A translation served by the hit path: one thread-shard lookup for its three
+    /// counters.
+    #[inline]
+    pub fn count_hit(&self) {
+        let (i, owned) = shard();
+        self.translations.inc_at(i, owned);
+        self.cfg_hits.inc_at(i, owned);
+        self.tlb_hits.inc_at(i, owned);
+    }
 }
 
 #[inline]
@@ -280,7 +296,18 @@ pub struct Smmu {
     pub(crate) gerror: AtomicU32,
     pub(crate) gerrorn: AtomicU32,
     pub(crate) tcu: RwLock<Tcu>,
-    pub(crate) tlb: RwLock<Tlb>,
+    /// The main TLB's store (authority, CLOCK, invalidation indexes); writers and slow-path
+    /// lookups lock it.
+    pub(crate) tlb: Mutex<Tlb>,
+    /// The main TLB's lock-free lookup array over the store's entries (written under the
+    /// `tlb` lock).
+    pub(crate) hit: crate::hitpath::HitTlb,
+    /// Per-(SID, SSID) hit contexts (written under `ctx_fill`), valid for one `ctx_gen`.
+    pub(crate) ctxs: crate::hitpath::CtxCache,
+    pub(crate) ctx_fill: Mutex<()>,
+    /// Bumped (Release) by every CFGI and translation-relevant register write, before the
+    /// epoch: a hit context filled under an older generation is not used.
+    pub(crate) ctx_gen: AtomicU64,
     /// Bumped (Release) after every change that may make a cached translation stale.
     pub(crate) epoch: AtomicU64,
     /// Bumped under the TLB write lock by every invalidation; a walk that started under an
@@ -357,7 +384,15 @@ impl Smmu {
             ..Live::default()
         };
         Ok(Arc::new(Smmu {
-            tlb: RwLock::new(Tlb::new(cfg.tlb_capacity)),
+            tlb: Mutex::new({
+                let mut t = Tlb::new(cfg.tlb_capacity);
+                t.set_removal_log(true);
+                t
+            }),
+            hit: crate::hitpath::HitTlb::new(cfg.tlb_capacity),
+            ctxs: crate::hitpath::CtxCache::new(cfg.cfg_cache_capacity),
+            ctx_fill: Mutex::new(()),
+            ctx_gen: AtomicU64::new(0),
             cfg,
             mem,
             regs: Mutex::new(Regs {
@@ -399,6 +434,12 @@ impl Smmu {
     }
 
     /// Marks every cached translation possibly stale for the micro-TLBs.
+    /// A configuration change (CFGI, or a register translation depends on): hit contexts
+    /// filled before it are stale. Callers then bump the epoch.
+    pub(crate) fn config_changed(&self) {
+        self.ctx_gen.fetch_add(1, Ordering::Release);
+    }
+
     pub(crate) fn bump_epoch(&self) {
         // Release: the cache updates made before this are visible to a translation that
         // loads the new epoch with Acquire.
@@ -694,6 +735,7 @@ impl Smmu {
                 strtab_cfg: StrtabBaseCfg::from_bits(r.strtab_base_cfg),
             };
         }
+        self.config_changed();
         self.bump_epoch();
     }
 
@@ -878,7 +920,7 @@ impl Smmu {
         let c = &self.counters;
         let g = |a: &Counter| a.get();
         let (tlb_entries, tc) = {
-            let t = self.tlb.read();
+            let t = self.tlb.lock();
             (t.len() as u64, t.counters())
         };
         let utlb_hits = self
@@ -929,7 +971,7 @@ impl Smmu {
 
     /// Every entry of the main TLB (tests and the oracle).
     pub fn tlb_entries(&self) -> Vec<crate::tlb::TlbEntry> {
-        self.tlb.read().entries()
+        self.tlb.lock().entries()
     }
 }
 

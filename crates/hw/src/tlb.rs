@@ -80,6 +80,12 @@ impl Ctx {
             _ => World::El2E2h,
         }
     }
+    pub(crate) fn raw(self) -> u64 {
+        self.0
+    }
+    pub(crate) fn from_raw(v: u64) -> Ctx {
+        Ctx(v)
+    }
     /// The same context with the global tag (no ASID).
     pub fn global(self) -> Ctx {
         Ctx((self.0 & !0xffff) | (1 << 32))
@@ -269,6 +275,10 @@ pub struct Tlb {
     /// the background.
     graveyard: Vec<CtxTlb>,
     counters: TlbCounters,
+    /// When on, every entry that leaves the TLB (eviction, invalidation, replacement) is
+    /// recorded here, so an owner keeping a lookup index over the entries (the SMMU's
+    /// lock-free hit array) can drop them too.
+    removed_log: Option<Vec<TlbEntry>>,
 }
 
 fn page_key(addr: u64, shift: u8) -> u64 {
@@ -289,6 +299,24 @@ impl Tlb {
             globals: 0,
             graveyard: Vec::new(),
             counters: TlbCounters::default(),
+            removed_log: None,
+        }
+    }
+
+    /// Turns the removal log on or off (off by default; see [`Tlb::drain_removed`]).
+    pub fn set_removal_log(&mut self, on: bool) {
+        self.removed_log = on.then(Vec::new);
+    }
+
+    /// The entries removed since the last drain, when the removal log is on. A
+    /// [`Tlb::clear`] is not logged entry by entry: its caller knows everything went.
+    pub fn drain_removed(&mut self) -> impl Iterator<Item = TlbEntry> + '_ {
+        self.removed_log.iter_mut().flat_map(|v| v.drain(..))
+    }
+
+    fn log_removed(&mut self, e: TlbEntry) {
+        if let Some(v) = &mut self.removed_log {
+            v.push(e);
         }
     }
 
@@ -340,7 +368,8 @@ impl Tlb {
             && let Some(&i) = c.map.get(&key)
             && let Some(Some(slot)) = self.slots.get_mut(i as usize)
         {
-            slot.entry = e;
+            let old = std::mem::replace(&mut slot.entry, e);
+            self.log_removed(old);
             return;
         }
         if self.len >= self.capacity {
@@ -432,6 +461,7 @@ impl Tlb {
         }
         self.len -= 1;
         self.free.push(i);
+        self.log_removed(e);
         Some(e)
     }
 
@@ -450,7 +480,9 @@ impl Tlb {
         let n = t.map.len();
         for &i in t.map.values() {
             if let Some(s) = self.slots.get_mut(i as usize) {
-                *s = None;
+                if let (Some(slot), Some(log)) = (s.take(), &mut self.removed_log) {
+                    log.push(slot.entry);
+                }
                 self.free.push(i);
             }
         }

@@ -28,6 +28,7 @@ use twinmmu_vmsa::{
 use crate::cd::{ContextDescriptor, L1Cd, decode_cd};
 use crate::config::StallModel;
 use crate::event::{Event, EventType, FaultClass};
+use crate::hitpath::HitCtx;
 use crate::mem::WalkMem;
 use crate::regs::StrtabBase;
 use crate::smmu::{Live, Smmu, inc};
@@ -216,7 +217,7 @@ pub(crate) fn access_bit(kind: AccessKind, privileged: bool) -> u8 {
 
 /// The access after the STE's PRIVCFG/INSTCFG overrides (IHI0070 13.1). Writes are never
 /// instruction accesses.
-fn effective(
+pub(crate) fn effective(
     kind: AccessKind,
     privileged: bool,
     privcfg: AttrOverride,
@@ -236,7 +237,7 @@ fn effective(
     Access::new(k, p)
 }
 
-fn perms_allow(p: &EntryPerms, a: Access) -> Result<(), Stage> {
+pub(crate) fn perms_allow(p: &EntryPerms, a: Access) -> Result<(), Stage> {
     if let Some((s1, ctl, _)) = p.s1
         && check_s1(s1, a, ctl).is_err()
     {
@@ -582,6 +583,63 @@ impl Smmu {
 
     /// The translation flow; `Err` carries the fault before the recording rules.
     pub(crate) fn resolve(&self, txn: &Transaction, want_fill: bool) -> Result<Resolved, Fail> {
+        // Acquire pairs with the Release of `config_changed`: a context filled before the
+        // last configuration change carries an older generation and is not used.
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        if let Some(c) = self.ctxs.lookup(txn.sid, txn.ssid, generation)
+            && let Some(r) = self.resolve_hit(txn, &c, want_fill)
+        {
+            return Ok(r);
+        }
+        self.resolve_slow(txn, want_fill, generation)
+    }
+
+    /// The hit path: the stream's hit context, one main-TLB probe (per block size present,
+    /// and the global twin), the permission check. `None` sends the transaction down the
+    /// slow path, which decides everything else (faults included) from scratch.
+    #[inline]
+    fn resolve_hit(&self, txn: &Transaction, c: &HitCtx, want_fill: bool) -> Option<Resolved> {
+        let va = txn.addr;
+        let key = if c.s1 && c.tbi[((va >> 55) & 1) as usize] {
+            (((va << 8) as i64) >> 8) as u64
+        } else {
+            va
+        };
+        let e = self.hit.probe_hit(c.tag, key, c.global_first)?;
+        // The entry's permissions were evaluated for each effective access when it was
+        // inserted; the context maps the incoming attributes to the effective access.
+        let incoming = access_bit(txn.kind, txn.privileged).trailing_zeros() as usize;
+        if e.allow & c.effective[incoming] == 0 {
+            return None;
+        }
+        self.counters.count_hit();
+        Some(Resolved {
+            pa: e.out_base | (va & ((1u64 << e.shift) - 1)),
+            fill: want_fill.then(|| Fill {
+                in_base: e.in_base,
+                shift: e.shift,
+                out_base: e.out_base,
+                allowed: (0..6)
+                    .filter(|&j| e.allow & c.effective[j] != 0)
+                    .fold(0, |m, j| m | (1 << j)),
+            }),
+        })
+    }
+
+    /// Records a stream's hit context, unless another thread is filling one (it is only a
+    /// cache).
+    fn fill_ctx(&self, txn: &Transaction, generation: u64, c: HitCtx) {
+        if let Some(_g) = self.ctx_fill.try_lock() {
+            self.ctxs.fill(txn.sid, txn.ssid, generation, &c);
+        }
+    }
+
+    fn resolve_slow(
+        &self,
+        txn: &Transaction,
+        want_fill: bool,
+        generation: u64,
+    ) -> Result<Resolved, Fail> {
         inc(&self.counters.translations);
         // One read of the configuration cache: the live registers, the STE and, when the
         // stream selects a CD, that CD.
@@ -714,6 +772,17 @@ impl Smmu {
                     return Err(Fail::Fault(XFault::config(EventType::FAddrSize)));
                 }
                 let h = self.s2_translate(&s2, txn.addr, access, FaultClass::In)?;
+                self.fill_ctx(
+                    txn,
+                    generation,
+                    HitCtx::new(
+                        Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false),
+                        false,
+                        [false; 2],
+                        (privcfg, instcfg),
+                        false,
+                    ),
+                );
                 let perms = EntryPerms {
                     s1: None,
                     s2: Some((h.perms, h.level, h.device)),
@@ -736,15 +805,33 @@ impl Smmu {
                 } else {
                     (access, privcfg)
                 };
-                self.s1_translate(
+                let tag = s1_tag(&sel, s2.is_some(), vmid);
+                let (r, global) = self.s1_translate(
                     txn,
                     &sel,
                     s2.as_ref(),
-                    vmid,
+                    tag,
                     access,
                     (privcfg, instcfg),
                     want_fill,
-                )
+                )?;
+                self.fill_ctx(
+                    txn,
+                    generation,
+                    HitCtx::new(
+                        tag,
+                        true,
+                        [
+                            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0),
+                            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1),
+                        ],
+                        (privcfg, instcfg),
+                        // Probe the global twin first if this translation used a global
+                        // entry (an ordering hint only).
+                        global,
+                    ),
+                );
+                Ok(r)
             }
         }
     }
@@ -879,7 +966,7 @@ impl Smmu {
         class: FaultClass,
     ) -> Result<S2Hit, Fail> {
         let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
-        let cached = self.tlb.read().lookup(ctx, ipa);
+        let cached = self.tlb_lookup(ctx, ipa);
         let h = match cached {
             Some(e) => {
                 inc(&self.counters.tlb_hits);
@@ -913,11 +1000,29 @@ impl Smmu {
     }
 
     pub(crate) fn tlb_insert(&self, e: TlbEntry, gen0: u64) {
-        let mut t = self.tlb.write();
+        let mut t = self.tlb.lock();
         // An invalidation since the walk started may have covered what it read.
         if self.tlb_gen.load(Ordering::Acquire) == gen0 {
             t.insert(e);
+            // What the store evicted or replaced leaves the lookup array first.
+            for old in t.drain_removed() {
+                self.hit.remove(&old);
+            }
+            self.hit.insert(&e);
         }
+    }
+
+    /// A main-TLB lookup: the lock-free array, then (an entry the array lost to a set
+    /// conflict) the store, whose hit goes back into the array. For an ASID-tagged context
+    /// a global entry of the same context also matches (IHI0070 3.17.1).
+    pub(crate) fn tlb_lookup(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
+        if let Some(e) = self.hit.lookup(ctx, addr) {
+            return Some(e);
+        }
+        let t = self.tlb.lock();
+        let e = t.lookup(ctx, addr)?;
+        self.hit.insert(&e);
+        Some(e)
     }
 
     /// Reads 8 bytes of a CD-table structure at `addr` (an IPA when nested).
@@ -1057,11 +1162,11 @@ impl Smmu {
         txn: &Transaction,
         sel: &S1Sel,
         s2: Option<&S2Config>,
-        vmid: u16,
+        ctx: Ctx,
         access: Access,
         (privcfg, instcfg): (AttrOverride, AttrOverride),
         want_fill: bool,
-    ) -> Result<Resolved, Fail> {
+    ) -> Result<(Resolved, bool), Fail> {
         let va = txn.addr;
         // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
         // with the canonical address, so tagged and untagged accesses share them and a TLBI
@@ -1076,16 +1181,7 @@ impl Smmu {
         } else {
             va
         };
-        let kind = if s2.is_some() { Kind::Nested } else { Kind::S1 };
-        // IHI0070 3.17: NS-EL1 entries carry the VMID and (non-global) the ASID; EL2-E2H
-        // entries the ASID only; EL2 entries neither, nor an ASET (permitted, not required).
-        let (vm, asid, aset) = match sel.world {
-            World::NsEl1 => (vmid, Some(sel.cd.asid), sel.cd.aset),
-            World::El2 => (0, None, false),
-            World::El2E2h => (0, Some(sel.cd.asid), sel.cd.aset),
-        };
-        let ctx = Ctx::new(sel.world, kind, vm, asid, aset);
-        let cached = self.tlb.read().lookup(ctx, key_va);
+        let cached = self.tlb_lookup(ctx, key_va);
         let entry = match cached {
             Some(e) => {
                 inc(&self.counters.tlb_hits);
@@ -1117,15 +1213,18 @@ impl Smmu {
                 FaultClass::In,
             ));
         }
-        Ok(Resolved {
-            pa: entry.output(va),
-            fill: want_fill.then(|| Fill {
-                in_base: entry.in_base,
-                shift: entry.shift,
-                out_base: entry.out_base,
-                allowed: allowed_mask(&entry.perms, privcfg, instcfg),
-            }),
-        })
+        Ok((
+            Resolved {
+                pa: entry.output(va),
+                fill: want_fill.then(|| Fill {
+                    in_base: entry.in_base,
+                    shift: entry.shift,
+                    out_base: entry.out_base,
+                    allowed: allowed_mask(&entry.perms, privcfg, instcfg),
+                }),
+            },
+            entry.ctx.asid().is_none(),
+        ))
     }
 
     /// Walks stage 1 (and stage 2 for every table address and the output, when nested),
@@ -1249,7 +1348,7 @@ impl Smmu {
         // An access every S2 descriptor grants for the purpose of the lookup is not
         // expressible, so look up and walk directly.
         let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
-        if let Some(e) = self.tlb.read().lookup(ctx, ipa) {
+        if let Some(e) = self.tlb_lookup(ctx, ipa) {
             inc(&self.counters.tlb_hits);
             let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
             return Ok(S2Hit {
@@ -1312,6 +1411,19 @@ impl Smmu {
         );
         Ok(h)
     }
+}
+
+/// The TLB tag of a stage-1 (or nested) stream's entries. IHI0070 3.17: NS-EL1 entries
+/// carry the VMID and (non-global) the ASID; EL2-E2H entries the ASID only; EL2 entries
+/// neither, nor an ASET (permitted, not required).
+fn s1_tag(sel: &S1Sel, nested: bool, vmid: u16) -> Ctx {
+    let kind = if nested { Kind::Nested } else { Kind::S1 };
+    let (vm, asid, aset) = match sel.world {
+        World::NsEl1 => (vmid, Some(sel.cd.asid), sel.cd.aset),
+        World::El2 => (0, None, false),
+        World::El2E2h => (0, Some(sel.cd.asid), sel.cd.aset),
+    };
+    Ctx::new(sel.world, kind, vm, asid, aset)
 }
 
 fn terminated(s: &Stalled, t: Termination) -> StallResult {
