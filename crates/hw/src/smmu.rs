@@ -632,8 +632,12 @@ impl Smmu {
             off::GERRORN => {
                 self.gerrorn.store(v & GERROR_MASK, Ordering::Release);
                 // Acknowledging CMDQ_ERR restarts command processing at CONS (IHI0070 7.1).
-                let mut r = self.regs.lock();
-                self.process_cmdq(&mut r);
+                {
+                    let mut r = self.regs.lock();
+                    self.process_cmdq(&mut r);
+                }
+                // Acknowledging EVENTQ_ABT_ERR makes the event queue writable again.
+                self.retry_unrecorded_stalls();
             }
             off::GERROR_IRQ_CFG1 => self.irq.lock().cfg1[0] = v,
             off::GERROR_IRQ_CFG2 => self.irq.lock().cfg2[0] = v & 0x3f,
@@ -672,9 +676,13 @@ impl Smmu {
                 }
             }
             off::EVENTQ_CONS => {
-                let mut q = self.evtq.lock();
-                let log2 = qlog2(q.base, self.cfg.eventqs);
-                q.cons = (v & QPtr { log2 }.mask()) | (v & (1 << 31));
+                {
+                    let mut q = self.evtq.lock();
+                    let log2 = qlog2(q.base, self.cfg.eventqs);
+                    q.cons = (v & QPtr { log2 }.mask()) | (v & (1 << 31));
+                }
+                // Space freed: stalls waiting for a record slot retry (IHI0070 7.2.1).
+                self.retry_unrecorded_stalls();
             }
             off::EVENTQ_IRQ_CFG1 => self.irq.lock().cfg1[1] = v,
             off::EVENTQ_IRQ_CFG2 => self.irq.lock().cfg2[1] = v & 0x3f,
@@ -698,6 +706,12 @@ impl Smmu {
     }
 
     fn write_cr0(&self, v: u32) {
+        self.write_cr0_locked(v);
+        // EVENTQEN may have made the event queue writable (IHI0070 7.2.1).
+        self.retry_unrecorded_stalls();
+    }
+
+    fn write_cr0_locked(&self, v: u32) {
         let mut r = self.regs.lock();
         let mut new = Cr0::from_bits(v & CR0_MASK);
         if !self.cfg.pri {
@@ -834,6 +848,16 @@ impl Smmu {
             self.signal_irq(IrqSource::Eventq);
         }
         true
+    }
+
+    /// Writes the record of a stalling fault if the queue is writable. A full queue does
+    /// not lose it (no overflow: the transaction waits, IHI0070 7.2.1); an abort while
+    /// writing does (7.2.2). Returns whether the record was written.
+    pub(crate) fn record_stall_event(&self, e: &Event) -> bool {
+        if !self.eventq_writable() {
+            return false;
+        }
+        self.record_event(e)
     }
 
     /// Whether a record could be written now (stall decisions need it).

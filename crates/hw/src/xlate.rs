@@ -11,10 +11,12 @@
 //! remained to do (translate only, read N bytes, write these bytes). CMD_RESUME with retry
 //! re-runs it from the start, as though it had just arrived (IHI0070 4.7.1), and stores the
 //! result; CMD_RESUME with terminate, CMD_STALL_TERM and SMMUEN → 0 store a termination.
-//! The device collects the result with [`Smmu::stall_result`]. A fault that would stall
-//! while the event queue cannot take its record (disabled, full, or after an abort) is
-//! terminated instead of held until the queue becomes writable (IHI0070 7.2.1 lets it wait;
-//! this model does not), and at most IDR5.STALL_MAX transactions stall at once.
+//! The device collects the result with [`Smmu::stall_result`]. A fault that stalls while
+//! the event queue cannot take its record (disabled, full, or after an abort) stays stalled
+//! without a record (a full queue does not overflow for it) and is retried as though it had
+//! just arrived when the queue becomes writable again: a CONS write, EVENTQEN set, or
+//! EVENTQ_ABT_ERR acknowledged (IHI0070 3.12.2, 7.2.1). At most IDR5.STALL_MAX transactions
+//! stall at once; beyond that a stalling fault terminates.
 
 use std::sync::atomic::Ordering;
 
@@ -134,6 +136,10 @@ pub(crate) struct Stalled {
     pub op: PendingOp,
     /// The fault that stalled it (reported again if it is terminated).
     pub event: EventType,
+    /// Its record reached the event queue. An unrecorded stall waits for the queue to
+    /// become writable and is then retried (IHI0070 7.2.1); software has not seen its
+    /// STAG, so CMD_RESUME does not reach it.
+    pub recorded: bool,
 }
 
 /// Stalled transactions by (StreamID, STAG), and finished ones waiting for the device.
@@ -423,6 +429,12 @@ impl Smmu {
 
     /// Applies the recording, stall and termination rules to a failed translation.
     pub(crate) fn fail(&self, txn: &Transaction, f: Fail, op: PendingOp) -> Outcome {
+        self.fail_as(txn, f, op, None)
+    }
+
+    /// [`Smmu::fail`] for a transaction that already holds `stag` (a stalled one being
+    /// retried once the event queue became writable).
+    fn fail_as(&self, txn: &Transaction, f: Fail, op: PendingOp, stag: Option<u16>) -> Outcome {
         let x = match f {
             Fail::Silent => {
                 inc(&self.counters.aborts);
@@ -451,34 +463,42 @@ impl Smmu {
             fetch_addr: x.fetch_addr,
         };
         let stall = x.may_stall && !matches!(self.cfg.stall_model, StallModel::TerminateOnly);
-        if stall && self.eventq_writable() {
+        if stall {
             let mut st = self.stalls.lock();
             // STALL_MAX transactions at most (IDR5); beyond that, terminate.
-            if st.pending.len() < usize::from(self.cfg.idr5().stall_max()) {
-                let mut stag = st.next;
-                while st.pending.contains_key(&(txn.sid, stag))
-                    || st.done.contains_key(&(txn.sid, stag))
-                {
-                    stag = stag.wrapping_add(1);
-                }
-                st.next = stag.wrapping_add(1);
+            if stag.is_some() || st.pending.len() < usize::from(self.cfg.idr5().stall_max()) {
+                let stag = stag.unwrap_or_else(|| {
+                    let mut stag = st.next;
+                    while st.pending.contains_key(&(txn.sid, stag))
+                        || st.done.contains_key(&(txn.sid, stag))
+                    {
+                        stag = stag.wrapping_add(1);
+                    }
+                    st.next = stag.wrapping_add(1);
+                    stag
+                });
                 ev.stall = Some(stag);
-                if self.record_event(&ev) {
-                    st.pending.insert(
-                        (txn.sid, stag),
-                        Stalled {
-                            txn: *txn,
-                            op,
-                            event: x.event,
-                        },
-                    );
-                    inc(&self.counters.stalls);
-                    return Outcome::Stalled {
-                        stag,
+                // IHI0070 3.12.2, 7.2.1: the record of a stall is never discarded. If the
+                // queue is not writable (disabled, full, or after an abort) the transaction
+                // stays stalled without a record, and is retried as though it had just
+                // arrived once the queue is writable again.
+                let recorded = self.record_stall_event(&ev);
+                st.pending.insert(
+                    (txn.sid, stag),
+                    Stalled {
+                        txn: *txn,
+                        op,
                         event: x.event,
-                    };
+                        recorded,
+                    },
+                );
+                if recorded {
+                    inc(&self.counters.stalls);
                 }
-                ev.stall = None;
+                return Outcome::Stalled {
+                    stag,
+                    event: x.event,
+                };
             }
         }
         let recorded = (x.record || stall) && self.record_event(&ev);
@@ -504,8 +524,16 @@ impl Smmu {
 
     /// Re-runs a stalled transaction (CMD_RESUME retry) or terminates it.
     pub(crate) fn resume(&self, sid: u32, stag: u16, retry: bool, abort: bool) {
-        let Some(s) = self.stalls.lock().pending.remove(&(sid, stag)) else {
-            // No such stalled transaction: no effect (IHI0070 4.7.1).
+        let s = {
+            let mut st = self.stalls.lock();
+            // No such stalled transaction, or one whose record software has not seen: no
+            // effect (IHI0070 4.7.1).
+            if !st.pending.get(&(sid, stag)).is_some_and(|s| s.recorded) {
+                return;
+            }
+            st.pending.remove(&(sid, stag))
+        };
+        let Some(s) = s else {
             return;
         };
         let result = if retry {
@@ -557,6 +585,58 @@ impl Smmu {
                     Err(e) => StallResult::Failed(e),
                 }
             }
+        }
+    }
+
+    /// Retries the stalled transactions whose record could not be written, now that the
+    /// event queue may be writable (IHI0070 3.12.2, 7.2.1): each is handled as though it
+    /// had just arrived, keeping its STAG. It may translate (its result goes to the
+    /// device, and no record is written), stall again (its record is written now, or it
+    /// keeps waiting), or fault and terminate under the configuration in force.
+    pub(crate) fn retry_unrecorded_stalls(&self) {
+        let waiting: Vec<((u32, u16), Stalled)> = {
+            let mut st = self.stalls.lock();
+            let keys: Vec<(u32, u16)> = st
+                .pending
+                .iter()
+                .filter(|(_, s)| !s.recorded)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| st.pending.remove(&k).map(|s| (k, s)))
+                .collect()
+        };
+        for ((sid, stag), s) in waiting {
+            if !self.eventq_writable() {
+                // Still not writable: keep waiting (no retry).
+                self.stalls.lock().pending.insert((sid, stag), s);
+                continue;
+            }
+            let result = match self.resolve(&s.txn, false) {
+                Ok(_) => self.run_op(&s),
+                Err(f) => match self.fail_as(&s.txn, f, s.op.clone(), Some(stag)) {
+                    // Stalled again under the same STAG (recorded, or waiting again).
+                    Outcome::Stalled { .. } => continue,
+                    Outcome::Fault {
+                        event,
+                        recorded,
+                        termination,
+                    } => match (&s.op, termination) {
+                        (PendingOp::Read { len }, Termination::RazWi) => {
+                            StallResult::Read(vec![0; *len])
+                        }
+                        (PendingOp::Write { .. }, Termination::RazWi) => StallResult::Written,
+                        _ => StallResult::Failed(DmaError::Fault {
+                            event,
+                            recorded,
+                            termination,
+                        }),
+                    },
+                    Outcome::Abort => StallResult::Failed(DmaError::Abort),
+                    Outcome::Translated { pa } => StallResult::Translated(pa),
+                },
+            };
+            self.stalls.lock().done.insert((sid, stag), result);
         }
     }
 
@@ -1432,7 +1512,7 @@ fn terminated(s: &Stalled, t: Termination) -> StallResult {
         (PendingOp::Write { .. }, Termination::RazWi) => StallResult::Written,
         (_, t) => StallResult::Failed(DmaError::Fault {
             event: s.event,
-            recorded: true,
+            recorded: s.recorded,
             termination: t,
         }),
     }
