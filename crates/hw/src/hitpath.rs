@@ -18,7 +18,7 @@
 //! `crossbeam_utils::atomic::SeqLock` (Release fence after the odd sequence number, Acquire
 //! fence before re-reading it).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 
 use twinmmu_vmsa::{S1Controls, S1Perms, S2Perms};
 
@@ -184,8 +184,11 @@ pub(crate) struct HitTlb {
     fps: Box<[AtomicU32]>,
     slots: Box<[SeqSlot<5>]>,
     set_mask: usize,
-    /// The block sizes (bit per shift) inserted since the last clear: lookups probe these.
+    /// The block sizes (bit per shift) inserted: lookups probe these.
     sizes: AtomicU64,
+    /// Per set: it gave up an entry the store still holds (a set conflict), so a miss in
+    /// it is not a miss in the store.
+    overflowed: Box<[AtomicBool]>,
     /// Writer-only round-robin victim choice within a full set.
     victim: AtomicU32,
 }
@@ -202,6 +205,7 @@ impl HitTlb {
             slots: (0..n).map(|_| SeqSlot::new()).collect(),
             set_mask: n / WAYS - 1,
             sizes: AtomicU64::new(0),
+            overflowed: (0..n / WAYS).map(|_| AtomicBool::new(false)).collect(),
             victim: AtomicU32::new(0),
         }
     }
@@ -210,6 +214,27 @@ impl HitTlb {
     fn locate(&self, ctx: u64, key: u64) -> (usize, u32) {
         let h = mix(ctx, key);
         ((h as usize & self.set_mask) * WAYS, (h >> 32) as u32 | 1)
+    }
+
+    /// Whether a miss of [`HitTlb::lookup`] for (ctx, addr) is also a miss of the store:
+    /// none of the sets it probes ever gave up an entry to a conflict.
+    pub fn miss_is_definitive(&self, ctx: Ctx, addr: u64) -> bool {
+        let tags = [
+            Some(ctx.raw()),
+            ctx.asid().is_some().then(|| ctx.global().raw()),
+        ];
+        let mut sizes = self.sizes.load(Ordering::Acquire);
+        while sizes != 0 {
+            let shift = sizes.trailing_zeros() as u8;
+            sizes &= sizes - 1;
+            for raw in tags.into_iter().flatten() {
+                let (base, _) = self.locate(raw, page(addr, shift));
+                if self.overflowed[base / WAYS].load(Ordering::Acquire) {
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// The entry of `ctx` covering `addr`, probing each block size present, smallest
@@ -304,6 +329,7 @@ impl HitTlb {
             (base..base + WAYS)
                 .find(|&i| self.fps[i].load(Ordering::Relaxed) == 0)
                 .unwrap_or_else(|| {
+                    self.overflowed[base / WAYS].store(true, Ordering::Release);
                     base + self.victim.fetch_add(1, Ordering::Relaxed) as usize % WAYS
                 })
         });
@@ -497,6 +523,14 @@ mod tests {
             }
         }
         assert_eq!(found, t.slots.len(), "every slot holds one entry");
+        let missing = es
+            .iter()
+            .find(|e| t.lookup(c, e.in_base).is_none())
+            .unwrap();
+        assert!(!t.miss_is_definitive(c, missing.in_base));
+        let fresh = HitTlb::new(16);
+        fresh.insert(&es[0]);
+        assert!(fresh.miss_is_definitive(c, es[1].in_base));
     }
 
     #[test]

@@ -186,6 +186,14 @@ impl CtxTlb {
         None
     }
 
+    fn clear(&mut self) {
+        self.map.clear();
+        self.by_addr.clear();
+        self.size_count = [0; 64];
+        self.sizes = 0;
+        self.max_shift = 0;
+    }
+
     fn remove(&mut self, e: &TlbEntry) {
         self.map.remove(&page_key(e.in_base, e.shift));
         self.by_addr.remove(&(e.in_base | u64::from(e.shift)));
@@ -375,7 +383,11 @@ impl Tlb {
         if self.len >= self.capacity {
             self.evict_one();
         }
-        drop(self.graveyard.pop());
+        // Release the memory of one unlinked context per insert, beyond a few kept for
+        // reuse.
+        if self.graveyard.len() > 8 {
+            drop(self.graveyard.pop());
+        }
         let slot = Slot {
             entry: e,
             referenced: AtomicBool::new(false),
@@ -391,9 +403,15 @@ impl Tlb {
             }
         };
         let mut created = false;
+        let graveyard = &mut self.graveyard;
         let c = self.ctxs.entry(e.ctx).or_insert_with(|| {
             created = true;
-            CtxTlb::default()
+            // A new context reuses the indexes of an unlinked one (cleared, capacity kept)
+            // rather than growing fresh ones.
+            graveyard.pop().map_or_else(CtxTlb::default, |mut c| {
+                c.clear();
+                c
+            })
         });
         c.map.insert(key, i);
         c.by_addr.insert(e.in_base | u64::from(e.shift), i);

@@ -1099,6 +1099,9 @@ impl Smmu {
         if let Some(e) = self.hit.lookup(ctx, addr) {
             return Some(e);
         }
+        if self.hit.miss_is_definitive(ctx, addr) {
+            return None;
+        }
         let t = self.tlb.lock();
         let e = t.lookup(ctx, addr)?;
         self.hit.insert(&e);
