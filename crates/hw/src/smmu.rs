@@ -441,9 +441,7 @@ impl Smmu {
     }
 
     pub(crate) fn bump_epoch(&self) {
-        // Release: the cache updates made before this are visible to a translation that
-        // loads the new epoch with Acquire.
-        self.epoch.fetch_add(1, Ordering::Release);
+        crate::port::publish_epoch(&self.epoch);
     }
 
     // ---------------------------------------------------------------- MMIO
