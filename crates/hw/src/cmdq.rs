@@ -325,15 +325,23 @@ impl Smmu {
     /// Removes every TLB entry in `scope` (from the store, then from the lookup array),
     /// then publishes the change to the micro-TLBs. Returns how many entries it removed.
     pub(crate) fn invalidate(&self, scope: InvScope) -> usize {
-        let removed = {
+        let (removed, whole) = {
             let mut t = self.tlb.lock();
+            let drops = t.whole_context_drops();
             let n = t.invalidate(&scope);
-            for e in t.drain_removed() {
-                self.hit.remove(&e);
+            // Entries removed one by one leave the lookup array; a context removed whole
+            // retired its id, so its array slots are dead once no hit context names it.
+            for (e, id) in t.drain_removed() {
+                self.hit.remove(id, &e);
             }
             self.tlb_gen.fetch_add(1, Ordering::AcqRel);
-            n
+            (n, t.whole_context_drops() != drops)
         };
+        if whole {
+            // Hit contexts may name a retired id: a new generation makes them all stale
+            // (each stream takes the slow path once, which refreshes its ids).
+            self.config_changed();
+        }
         self.bump_epoch();
         removed
     }

@@ -112,15 +112,20 @@ pub(crate) struct Counter {
 
 const SHARDS: usize = 16;
 
+#[inline]
 fn shard() -> (usize, bool) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    // A const-initialised thread-local (no lazy-initialisation state on each access):
+    // the thread's ordinal + 1, 0 until the first count.
     thread_local! {
-        static SHARD: (usize, bool) = {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed) as usize;
-            (n % SHARDS, n < SHARDS)
-        };
+        static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
-    SHARD.with(|s| *s)
+    let mut n = SHARD.get();
+    if n == 0 {
+        n = NEXT.fetch_add(1, Ordering::Relaxed) as usize + 1;
+        SHARD.set(n);
+    }
+    ((n - 1) % SHARDS, n - 1 < SHARDS)
 }
 
 impl Counter {
@@ -147,6 +152,8 @@ impl Counter {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub translations: Counter,
+    /// Translations served by the hit path (each also a configuration and TLB hit).
+    pub fast_hits: Counter,
     pub tlb_hits: Counter,
     pub tlb_misses: Counter,
     pub cfg_hits: Counter,
@@ -172,14 +179,11 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    /// A translation served by the hit path: one thread-shard lookup for its three
-    /// counters.
+    /// A translation served by the hit path: one counter, which [`Smmu::stats`] adds to
+    /// translations, configuration-cache hits and main-TLB hits.
     #[inline]
     pub fn count_hit(&self) {
-        let (i, owned) = shard();
-        self.translations.inc_at(i, owned);
-        self.cfg_hits.inc_at(i, owned);
-        self.tlb_hits.inc_at(i, owned);
+        self.fast_hits.inc();
     }
 }
 
@@ -957,11 +961,11 @@ impl Smmu {
             desc_reads[i / 4][i % 4] = g(r);
         }
         SmmuStats {
-            translations: g(&c.translations),
-            tlb_hits: g(&c.tlb_hits),
+            translations: g(&c.translations) + g(&c.fast_hits),
+            tlb_hits: g(&c.tlb_hits) + g(&c.fast_hits),
             tlb_misses: g(&c.tlb_misses),
             utlb_hits,
-            cfg_hits: g(&c.cfg_hits),
+            cfg_hits: g(&c.cfg_hits) + g(&c.fast_hits),
             cfg_misses: g(&c.cfg_misses),
             walks_s1: g(&c.walks_s1),
             walks_s2: g(&c.walks_s2),

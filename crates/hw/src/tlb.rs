@@ -80,12 +80,6 @@ impl Ctx {
             _ => World::El2E2h,
         }
     }
-    pub(crate) fn raw(self) -> u64 {
-        self.0
-    }
-    pub(crate) fn from_raw(v: u64) -> Ctx {
-        Ctx(v)
-    }
     /// The same context with the global tag (no ASID).
     pub fn global(self) -> Ctx {
         Ctx((self.0 & !0xffff) | (1 << 32))
@@ -151,6 +145,8 @@ struct Slot {
 /// The entries of one context: a hash map for lookups (key: input page at a size), a
 /// VA-ordered map for ranges, and the block sizes present.
 struct CtxTlb {
+    /// This incarnation of the context (see [`Tlb::context_id`]).
+    id: u64,
     map: HashMap<u64, u32, FxBuildHasher>,
     /// (in_base | shift) → slot; in_base is at least 4 KiB aligned, so the low 6 bits are
     /// free for the size.
@@ -163,6 +159,7 @@ struct CtxTlb {
 impl Default for CtxTlb {
     fn default() -> Self {
         CtxTlb {
+            id: 0,
             map: HashMap::default(),
             by_addr: BTreeMap::new(),
             size_count: [0; 64],
@@ -286,7 +283,12 @@ pub struct Tlb {
     /// When on, every entry that leaves the TLB (eviction, invalidation, replacement) is
     /// recorded here, so an owner keeping a lookup index over the entries (the SMMU's
     /// lock-free hit array) can drop them too.
-    removed_log: Option<Vec<TlbEntry>>,
+    removed_log: Vec<(TlbEntry, u64)>,
+    log_removals: bool,
+    /// The id the next context created gets (ids are never reused).
+    next_id: u64,
+    /// Non-empty contexts removed whole so far.
+    whole_drops: u64,
 }
 
 fn page_key(addr: u64, shift: u8) -> u64 {
@@ -307,24 +309,44 @@ impl Tlb {
             globals: 0,
             graveyard: Vec::new(),
             counters: TlbCounters::default(),
-            removed_log: None,
+            removed_log: Vec::new(),
+            log_removals: false,
+            next_id: 1,
+            whole_drops: 0,
         }
     }
 
     /// Turns the removal log on or off (off by default; see [`Tlb::drain_removed`]).
     pub fn set_removal_log(&mut self, on: bool) {
-        self.removed_log = on.then(Vec::new);
+        self.log_removals = on;
+        self.removed_log.clear();
     }
 
-    /// The entries removed since the last drain, when the removal log is on. A
-    /// [`Tlb::clear`] is not logged entry by entry: its caller knows everything went.
-    pub fn drain_removed(&mut self) -> impl Iterator<Item = TlbEntry> + '_ {
-        self.removed_log.iter_mut().flat_map(|v| v.drain(..))
+    /// The entries removed one by one (evicted, replaced, invalidated by address) since the
+    /// last drain, with the id of their context, when the removal log is on. A context
+    /// removed whole (by VMID, by ASID, everything) is not logged entry by entry: its id
+    /// retires with it, and no later context gets that id.
+    pub fn drain_removed(&mut self) -> std::vec::Drain<'_, (TlbEntry, u64)> {
+        self.removed_log.drain(..)
+    }
+
+    /// The id of the current incarnation of `ctx`, if it holds entries: a context created
+    /// after one was removed whole gets a new id. Owners of a lookup index keyed by id
+    /// (the SMMU's hit array) drop a whole context in O(1) this way.
+    pub fn context_id(&self, ctx: Ctx) -> Option<u64> {
+        self.ctxs.get(&ctx).map(|c| c.id)
+    }
+
+    /// How many non-empty contexts have been removed whole (their ids retired) so far;
+    /// [`Tlb::clear`] counts as one.
+    pub fn whole_context_drops(&self) -> u64 {
+        self.whole_drops
     }
 
     fn log_removed(&mut self, e: TlbEntry) {
-        if let Some(v) = &mut self.removed_log {
-            v.push(e);
+        if self.log_removals {
+            let id = self.ctxs.get(&e.ctx).map_or(0, |c| c.id);
+            self.removed_log.push((e, id));
         }
     }
 
@@ -404,14 +426,18 @@ impl Tlb {
         };
         let mut created = false;
         let graveyard = &mut self.graveyard;
+        let next_id = &mut self.next_id;
         let c = self.ctxs.entry(e.ctx).or_insert_with(|| {
             created = true;
             // A new context reuses the indexes of an unlinked one (cleared, capacity kept)
             // rather than growing fresh ones.
-            graveyard.pop().map_or_else(CtxTlb::default, |mut c| {
+            let mut c = graveyard.pop().map_or_else(CtxTlb::default, |mut c| {
                 c.clear();
                 c
-            })
+            });
+            c.id = *next_id;
+            *next_id += 1;
+            c
         });
         c.map.insert(key, i);
         c.by_addr.insert(e.in_base | u64::from(e.shift), i);
@@ -471,6 +497,7 @@ impl Tlb {
     fn remove_slot(&mut self, i: u32) -> Option<TlbEntry> {
         let slot = self.slots.get_mut(i as usize)?.take()?;
         let e = slot.entry;
+        self.log_removed(e);
         if let Some(c) = self.ctxs.get_mut(&e.ctx) {
             c.remove(&e);
         }
@@ -479,7 +506,6 @@ impl Tlb {
         }
         self.len -= 1;
         self.free.push(i);
-        self.log_removed(e);
         Some(e)
     }
 
@@ -496,11 +522,12 @@ impl Tlb {
             }
         }
         let n = t.map.len();
+        if n > 0 {
+            self.whole_drops += 1;
+        }
         for &i in t.map.values() {
             if let Some(s) = self.slots.get_mut(i as usize) {
-                if let (Some(slot), Some(log)) = (s.take(), &mut self.removed_log) {
-                    log.push(slot.entry);
-                }
+                *s = None;
                 self.free.push(i);
             }
         }
@@ -577,6 +604,7 @@ impl Tlb {
     /// Removes everything.
     pub fn clear(&mut self) -> usize {
         let n = self.len;
+        self.whole_drops += 1;
         self.ctxs.clear();
         self.slots.clear();
         self.free.clear();
@@ -771,6 +799,50 @@ mod tests {
                 ..s
             }),
             1
+        );
+    }
+
+    #[test]
+    fn context_ids_retire_with_whole_drops_and_the_log_names_them() {
+        let mut t = Tlb::new(4);
+        t.set_removal_log(true);
+        let a = ctx(1, Some(1));
+        t.insert(entry(a, 0x1000, 12));
+        t.insert(entry(a, 0x2000, 12));
+        let id = t.context_id(a).unwrap();
+        // Removal by address: logged one by one, with the context's id.
+        let one = InvScope {
+            worlds: 1,
+            kinds: InvScope::ALL_KINDS,
+            vmid: Some(1),
+            asid: AsidMatch::Any,
+            skip_aset: false,
+            range: Some((0x1000, 0x2000)),
+        };
+        assert_eq!(t.invalidate(&one), 1);
+        let log: Vec<_> = t.drain_removed().collect();
+        assert_eq!(log, vec![(entry(a, 0x1000, 12), id)]);
+        assert_eq!(t.whole_context_drops(), 0);
+        // Removal by VMID: the context goes whole, unlogged, its id retired.
+        assert_eq!(t.invalidate(&InvScope { range: None, ..one }), 1);
+        assert_eq!(t.drain_removed().count(), 0);
+        assert_eq!(t.whole_context_drops(), 1);
+        assert_eq!(t.context_id(a), None);
+        t.insert(entry(a, 0x1000, 12));
+        assert!(t.context_id(a).unwrap() > id, "ids are never reused");
+        // Eviction and replacement are logged.
+        for p in 2..6u64 {
+            t.insert(entry(a, p << 12, 12));
+        }
+        assert_eq!(t.drain_removed().count(), 1, "one eviction at capacity 4");
+        let mut e = entry(a, 0x5000, 12);
+        e.out_base += 0x1000;
+        t.insert(e);
+        assert_eq!(
+            t.drain_removed()
+                .map(|(x, _)| x.in_base)
+                .collect::<Vec<_>>(),
+            [0x5000]
         );
     }
 

@@ -666,12 +666,13 @@ impl Smmu {
         // Acquire pairs with the Release of `config_changed`: a context filled before the
         // last configuration change carries an older generation and is not used.
         let generation = self.ctx_gen.load(Ordering::Acquire);
-        if let Some(c) = self.ctxs.lookup(txn.sid, txn.ssid, generation)
-            && let Some(r) = self.resolve_hit(txn, &c, want_fill)
+        let known = self.ctxs.lookup(txn.sid, txn.ssid, generation);
+        if let Some(c) = &known
+            && let Some(r) = self.resolve_hit(txn, c, want_fill)
         {
             return Ok(r);
         }
-        self.resolve_slow(txn, want_fill, generation)
+        self.resolve_slow(txn, want_fill, Slow { generation, known })
     }
 
     /// The hit path: the stream's hit context, one main-TLB probe (per block size present,
@@ -685,7 +686,7 @@ impl Smmu {
         } else {
             va
         };
-        let e = self.hit.probe_hit(c.tag, key, c.global_first)?;
+        let e = self.hit.probe_hit(c.ids, key, c.global_first)?;
         // The entry's permissions were evaluated for each effective access when it was
         // inserted; the context maps the incoming attributes to the effective access.
         let incoming = access_bit(txn.kind, txn.privileged).trailing_zeros() as usize;
@@ -706,11 +707,33 @@ impl Smmu {
         })
     }
 
-    /// Records a stream's hit context, unless another thread is filling one (it is only a
-    /// cache).
-    fn fill_ctx(&self, txn: &Transaction, generation: u64, c: HitCtx) {
+    /// Records a stream's hit context (with the current store ids of `tag` and of its
+    /// global twin), unless it is already there or another thread is filling one (it is
+    /// only a cache).
+    fn fill_ctx(
+        &self,
+        txn: &Transaction,
+        slow: &Slow,
+        tag: Ctx,
+        make: impl FnOnce([u64; 2]) -> HitCtx,
+    ) {
+        let ids = {
+            let t = self.tlb.lock();
+            [
+                t.context_id(tag).unwrap_or(0),
+                if tag.asid().is_some() {
+                    t.context_id(tag.global()).unwrap_or(0)
+                } else {
+                    0
+                },
+            ]
+        };
+        let c = make(ids);
+        if slow.known == Some(c) {
+            return;
+        }
         if let Some(_g) = self.ctx_fill.try_lock() {
-            self.ctxs.fill(txn.sid, txn.ssid, generation, &c);
+            self.ctxs.fill(txn.sid, txn.ssid, slow.generation, &c);
         }
     }
 
@@ -718,7 +741,7 @@ impl Smmu {
         &self,
         txn: &Transaction,
         want_fill: bool,
-        generation: u64,
+        slow: Slow,
     ) -> Result<Resolved, Fail> {
         inc(&self.counters.translations);
         // One read of the configuration cache: the live registers, the STE and, when the
@@ -854,14 +877,9 @@ impl Smmu {
                 let h = self.s2_translate(&s2, txn.addr, access, FaultClass::In)?;
                 self.fill_ctx(
                     txn,
-                    generation,
-                    HitCtx::new(
-                        Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false),
-                        false,
-                        [false; 2],
-                        (privcfg, instcfg),
-                        false,
-                    ),
+                    &slow,
+                    Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false),
+                    |ids| HitCtx::new(ids, false, [false; 2], (privcfg, instcfg), false),
                 );
                 let perms = EntryPerms {
                     s1: None,
@@ -895,22 +913,15 @@ impl Smmu {
                     (privcfg, instcfg),
                     want_fill,
                 )?;
-                self.fill_ctx(
-                    txn,
-                    generation,
-                    HitCtx::new(
-                        tag,
-                        true,
-                        [
-                            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0),
-                            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1),
-                        ],
-                        (privcfg, instcfg),
-                        // Probe the global twin first if this translation used a global
-                        // entry (an ordering hint only).
-                        global,
-                    ),
-                );
+                let tbi = [
+                    sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0),
+                    sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1),
+                ];
+                // Probe the global twin first if this translation used a global entry (an
+                // ordering hint only).
+                self.fill_ctx(txn, &slow, tag, |ids| {
+                    HitCtx::new(ids, true, tbi, (privcfg, instcfg), global)
+                });
                 Ok(r)
             }
         }
@@ -1085,26 +1096,24 @@ impl Smmu {
         if self.tlb_gen.load(Ordering::Acquire) == gen0 {
             t.insert(e);
             // What the store evicted or replaced leaves the lookup array first.
-            for old in t.drain_removed() {
-                self.hit.remove(&old);
+            for (old, id) in t.drain_removed() {
+                self.hit.remove(id, &old);
             }
-            self.hit.insert(&e);
+            if let Some(id) = t.context_id(e.ctx) {
+                self.hit.insert(id, &e);
+            }
         }
     }
 
-    /// A main-TLB lookup: the lock-free array, then (an entry the array lost to a set
-    /// conflict) the store, whose hit goes back into the array. For an ASID-tagged context
-    /// a global entry of the same context also matches (IHI0070 3.17.1).
+    /// A slow-path main-TLB lookup: the store, under its lock (for an ASID-tagged context
+    /// a global entry of the same context also matches, IHI0070 3.17.1). A hit goes into
+    /// the lookup array, so the next one takes the hit path.
     pub(crate) fn tlb_lookup(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
-        if let Some(e) = self.hit.lookup(ctx, addr) {
-            return Some(e);
-        }
-        if self.hit.miss_is_definitive(ctx, addr) {
-            return None;
-        }
         let t = self.tlb.lock();
         let e = t.lookup(ctx, addr)?;
-        self.hit.insert(&e);
+        if let Some(id) = t.context_id(e.ctx) {
+            self.hit.insert(id, &e);
+        }
         Some(e)
     }
 
@@ -1494,6 +1503,14 @@ impl Smmu {
         );
         Ok(h)
     }
+}
+
+/// What the slow path knows from the hit path's attempt.
+struct Slow {
+    /// The configuration generation loaded before anything was read.
+    generation: u64,
+    /// The stream's hit context, if the cache held one.
+    known: Option<HitCtx>,
 }
 
 /// The TLB tag of a stage-1 (or nested) stream's entries. IHI0070 3.17: NS-EL1 entries
