@@ -325,7 +325,7 @@ impl Smmu {
     /// Removes every TLB entry in `scope` (from the store, then from the lookup array),
     /// then publishes the change to the micro-TLBs. Returns how many entries it removed.
     pub(crate) fn invalidate(&self, scope: InvScope) -> usize {
-        let (removed, whole) = {
+        let removed = {
             let mut t = self.tlb.lock();
             let drops = t.whole_context_drops();
             let n = t.invalidate(&scope);
@@ -335,13 +335,14 @@ impl Smmu {
                 self.hit.remove(id, &e);
             }
             self.tlb_gen.fetch_add(1, Ordering::AcqRel);
-            (n, t.whole_context_drops() != drops)
+            if t.whole_context_drops() != drops {
+                // Hit contexts and the id cache may name a retired id: a new generation,
+                // bumped under the store lock, makes them all stale (each stream takes the
+                // slow path once, which refreshes its ids).
+                self.config_changed();
+            }
+            n
         };
-        if whole {
-            // Hit contexts may name a retired id: a new generation makes them all stale
-            // (each stream takes the slow path once, which refreshes its ids).
-            self.config_changed();
-        }
         self.bump_epoch();
         removed
     }

@@ -26,10 +26,10 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
-use twinmmu_vmsa::{Access, AccessKind};
+use twinmmu_vmsa::{Access, AccessKind, S1Controls, S1Perms, S2Perms};
 
 use crate::ste::AttrOverride;
-use crate::tlb::{EntryPerms, TlbEntry};
+use crate::tlb::{Ctx, EntryPerms, TlbEntry};
 use crate::xlate::{access_bit, effective, perms_allow};
 
 /// `N` words behind a sequence number: lock-free readers, one writer at a time.
@@ -79,10 +79,10 @@ const VALID: u64 = 1 << 63;
 
 #[inline(always)]
 fn mix(a: u64, b: u64) -> u64 {
-    let mut h = (a ^ b.rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    h ^= h >> 32;
-    h = h.wrapping_mul(0xD6E8_FEB8_6659_FD93);
-    h ^ (h >> 29)
+    // One folded 64x64 -> 128-bit multiply (the mixing step of foldhash/aHash): a short
+    // dependency chain on the hit path, every output bit depending on every input bit.
+    let p = u128::from(a ^ 0x243F_6A88_85A3_08D3) * u128::from(b ^ 0x1319_8A2E_0370_7344);
+    (p as u64) ^ ((p >> 64) as u64)
 }
 
 /// The way a key is placed in when it is free: lookups compare it first.
@@ -110,15 +110,72 @@ fn allow_mask(p: &EntryPerms) -> u64 {
     m
 }
 
-/// Slot words: context id | VALID, input base, output base, shift [7:0] | allowed
-/// effective accesses [13:8].
-fn encode(id: u64, e: &TlbEntry) -> [u64; 4] {
+fn pack_perms(p: &EntryPerms) -> u64 {
+    let mut v = 0u64;
+    if let Some((perms, ctl, level)) = p.s1 {
+        v |= 1
+            | (u64::from(perms.bits() & 0xf) << 1)
+            | (u64::from(ctl.wxn) << 5)
+            | (u64::from(ctl.pan) << 6)
+            | (u64::from(level & 7) << 7);
+    }
+    if let Some((perms, level, device)) = p.s2 {
+        v |= (1 << 10)
+            | (u64::from(perms.bits() & 0xf) << 11)
+            | (u64::from(level & 7) << 15)
+            | (u64::from(device) << 18);
+    }
+    v
+}
+
+fn unpack_perms(v: u64) -> EntryPerms {
+    let bit = |n: u32| v & (1 << n) != 0;
+    EntryPerms {
+        s1: bit(0).then(|| {
+            (
+                S1Perms::new(bit(1), bit(2), bit(3), bit(4)),
+                S1Controls {
+                    wxn: bit(5),
+                    pan: bit(6),
+                },
+                ((v >> 7) & 7) as u8,
+            )
+        }),
+        s2: bit(10).then(|| {
+            (
+                S2Perms::new(bit(11), bit(12), bit(13), bit(14)),
+                ((v >> 15) & 7) as u8,
+                bit(18),
+            )
+        }),
+    }
+}
+
+/// Slot words: context id | VALID, input base, output base, IPA base, and shift [7:0],
+/// granule shift [15:8], allowed effective accesses [21:16], packed permissions [42:24].
+fn encode(id: u64, e: &TlbEntry) -> [u64; 5] {
     [
         id | VALID,
         e.in_base,
         e.out_base,
-        u64::from(e.shift) | (allow_mask(&e.perms) << 8),
+        e.ipa_base,
+        u64::from(e.shift)
+            | (u64::from(e.tg_shift) << 8)
+            | (allow_mask(&e.perms) << 16)
+            | (pack_perms(&e.perms) << 24),
     ]
+}
+
+fn decode(ctx: Ctx, v: &[u64; 5]) -> TlbEntry {
+    TlbEntry {
+        ctx,
+        in_base: v[1],
+        shift: v[4] as u8,
+        out_base: v[2],
+        ipa_base: v[3],
+        tg_shift: (v[4] >> 8) as u8,
+        perms: unpack_perms(v[4] >> 24),
+    }
 }
 
 /// What the hit path needs of an entry.
@@ -135,7 +192,7 @@ pub(crate) struct HitEntry {
 pub(crate) struct HitTlb {
     /// Fingerprint of each slot's key (0 = empty), compared before a slot is read.
     fps: Box<[AtomicU32]>,
-    slots: Box<[SeqSlot<4>]>,
+    slots: Box<[SeqSlot<5>]>,
     set_mask: usize,
     /// The block sizes (bit per shift) inserted: lookups probe these.
     sizes: AtomicU64,
@@ -166,7 +223,7 @@ impl HitTlb {
     }
 
     #[inline(always)]
-    fn probe(&self, id: u64, addr: u64, shift: u8) -> Option<[u64; 4]> {
+    fn probe(&self, id: u64, addr: u64, shift: u8) -> Option<[u64; 5]> {
         let (base, fp) = self.locate(id, page(addr, shift));
         // Inserts prefer the key's own way, so the first comparison usually decides.
         let first = preferred_way(fp);
@@ -177,7 +234,7 @@ impl HitTlb {
             fps.iter().position(|f| f.load(Ordering::Acquire) == fp)?
         };
         let v = self.slots[base + way].read()?;
-        (v[0] == id | VALID && v[3] as u8 == shift && v[1] == (addr >> shift) << shift).then_some(v)
+        (v[0] == id | VALID && v[4] as u8 == shift && v[1] == (addr >> shift) << shift).then_some(v)
     }
 
     /// The entry covering `addr` of the context `ids[0]`, or of its global twin `ids[1]`
@@ -212,8 +269,26 @@ impl HitTlb {
                 in_base: v[1],
                 out_base: v[2],
                 shift,
-                allow: (v[3] >> 8) as u8 & 0x3f,
+                allow: (v[4] >> 16) as u8 & 0x3f,
             });
+        }
+        None
+    }
+
+    /// The full entry covering `addr` of context `ids[0]` (tagged `ctxs[0]`) or of its
+    /// global twin `ids[1]` (`ctxs[1]`; id 0 = none), for slow-path lookups.
+    pub fn lookup(&self, ids: [u64; 2], ctxs: [Ctx; 2], addr: u64) -> Option<TlbEntry> {
+        let mut sizes = self.sizes.load(Ordering::Relaxed);
+        while sizes != 0 {
+            let shift = sizes.trailing_zeros() as u8;
+            sizes &= sizes - 1;
+            for k in 0..2 {
+                if ids[k] != 0
+                    && let Some(v) = self.probe(ids[k], addr, shift)
+                {
+                    return Some(decode(ctxs[k], &v));
+                }
+            }
         }
         None
     }
@@ -224,7 +299,7 @@ impl HitTlb {
         let holds = |i: usize| {
             self.fps[i].load(Ordering::Relaxed) == fp
                 && self.slots[i].read().is_some_and(|v| {
-                    v[0] == id | VALID && v[1] == e.in_base && v[3] as u8 == e.shift
+                    v[0] == id | VALID && v[1] == e.in_base && v[4] as u8 == e.shift
                 })
         };
         let own = base + preferred_way(fp);
@@ -258,8 +333,44 @@ impl HitTlb {
     pub fn remove(&self, id: u64, e: &TlbEntry) {
         if let Some(i) = self.find(id, e) {
             self.fps[i].store(0, Ordering::Release);
-            self.slots[i].write([0; 4]);
+            self.slots[i].write([0; 5]);
         }
+    }
+}
+
+/// The store ids of recently used TLB contexts, for slow-path lookups in the array: a
+/// direct-mapped seqlock array of (context tag, id, configuration generation). Whole
+/// context drops bump the generation, so an id read here under the current generation is
+/// not retired (a translation racing with the drop is in flight, as on the hit path).
+pub(crate) struct IdCache {
+    slots: Box<[SeqSlot<3>]>,
+    mask: usize,
+}
+
+impl IdCache {
+    pub fn new(entries: usize) -> Self {
+        let n = entries.clamp(64, 1 << 16).next_power_of_two();
+        IdCache {
+            slots: (0..n).map(|_| SeqSlot::new()).collect(),
+            mask: n - 1,
+        }
+    }
+
+    #[inline(always)]
+    fn slot(&self, ctx: Ctx) -> &SeqSlot<3> {
+        &self.slots[mix(ctx.raw(), 0x1d5) as usize & self.mask]
+    }
+
+    /// The id of `ctx` recorded under `generation`.
+    #[inline]
+    pub fn lookup(&self, ctx: Ctx, generation: u64) -> Option<u64> {
+        let v = self.slot(ctx).read()?;
+        (v[0] == ctx.raw() | VALID && v[2] == generation).then_some(v[1])
+    }
+
+    /// Records `ctx`'s id (writer only: the store's lock holder).
+    pub fn fill(&self, ctx: Ctx, id: u64, generation: u64) {
+        self.slot(ctx).write([ctx.raw() | VALID, id, generation]);
     }
 }
 
@@ -369,8 +480,7 @@ impl CtxCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tlb::{Ctx, Kind, World};
-    use twinmmu_vmsa::{S1Controls, S1Perms};
+    use crate::tlb::{Kind, World};
 
     fn entry(ctx: Ctx, va: u64, shift: u8, perms: EntryPerms) -> TlbEntry {
         TlbEntry {
@@ -393,6 +503,43 @@ mod tests {
             )),
             s2: None,
         }
+    }
+
+    #[test]
+    fn entries_round_trip_through_the_slot_words() {
+        let perms = EntryPerms {
+            s1: Some((
+                S1Perms::new(true, false, true, false),
+                S1Controls {
+                    wxn: true,
+                    pan: false,
+                },
+                2,
+            )),
+            s2: Some((S2Perms::new(true, false, false, true), 3, true)),
+        };
+        for p in [perms, EntryPerms { s1: None, s2: None }, rw()] {
+            let c = Ctx::new(World::El2E2h, Kind::Nested, 0xfffe, Some(0xabcd), true);
+            let e = entry(c, 0x7f_ffe0_0000, 21, p);
+            assert_eq!(decode(c, &encode(5, &e)), e);
+        }
+        let t = HitTlb::new(16);
+        let c = Ctx::new(World::NsEl1, Kind::S2, 3, None, false);
+        let e = entry(c, 0x20_0000, 21, perms);
+        t.insert(4, &e);
+        let g = Ctx::new(World::NsEl1, Kind::S2, 3, Some(1), false);
+        assert_eq!(t.lookup([0, 4], [g, c], 0x21_0000), Some(e));
+        assert_eq!(t.lookup([4, 0], [c, g], 0x40_0000), None);
+    }
+
+    #[test]
+    fn id_cache_keys_and_generations() {
+        let ids = IdCache::new(64);
+        let c = Ctx::new(World::NsEl1, Kind::S1, 1, Some(2), false);
+        ids.fill(c, 17, 3);
+        assert_eq!(ids.lookup(c, 3), Some(17));
+        assert_eq!(ids.lookup(c, 4), None);
+        assert_eq!(ids.lookup(c.global(), 3), None);
     }
 
     #[test]

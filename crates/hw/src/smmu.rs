@@ -308,6 +308,8 @@ pub struct Smmu {
     pub(crate) hit: crate::hitpath::HitTlb,
     /// Per-(SID, SSID) hit contexts (written under `ctx_fill`), valid for one `ctx_gen`.
     pub(crate) ctxs: crate::hitpath::CtxCache,
+    /// Store ids of recently used TLB contexts (written under the `tlb` lock).
+    pub(crate) ids: crate::hitpath::IdCache,
     pub(crate) ctx_fill: Mutex<()>,
     /// Bumped (Release) by every CFGI and translation-relevant register write, before the
     /// epoch: a hit context filled under an older generation is not used.
@@ -395,6 +397,7 @@ impl Smmu {
             }),
             hit: crate::hitpath::HitTlb::new(cfg.tlb_capacity),
             ctxs: crate::hitpath::CtxCache::new(cfg.cfg_cache_capacity),
+            ids: crate::hitpath::IdCache::new(4096),
             ctx_fill: Mutex::new(()),
             ctx_gen: AtomicU64::new(0),
             cfg,

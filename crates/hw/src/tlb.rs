@@ -80,6 +80,9 @@ impl Ctx {
             _ => World::El2E2h,
         }
     }
+    pub(crate) fn raw(self) -> u64 {
+        self.0
+    }
     /// The same context with the global tag (no ASID).
     pub fn global(self) -> Ctx {
         Ctx((self.0 & !0xffff) | (1 << 32))

@@ -1101,15 +1101,40 @@ impl Smmu {
             }
             if let Some(id) = t.context_id(e.ctx) {
                 self.hit.insert(id, &e);
+                // Under the store lock the generation is exact for the ids read there.
+                self.ids
+                    .fill(e.ctx, id, self.ctx_gen.load(Ordering::Acquire));
             }
         }
     }
 
-    /// A slow-path main-TLB lookup: the store, under its lock (for an ASID-tagged context
-    /// a global entry of the same context also matches, IHI0070 3.17.1). A hit goes into
-    /// the lookup array, so the next one takes the hit path.
+    /// A slow-path main-TLB lookup (for an ASID-tagged context a global entry of the same
+    /// context also matches, IHI0070 3.17.1): the lookup array, when the ids of the
+    /// contexts are known under the current generation, then the store under its lock,
+    /// whose hit goes into the array.
     pub(crate) fn tlb_lookup(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        let global = ctx.global();
+        if let Some(id) = self.ids.lookup(ctx, generation) {
+            let g = if ctx.asid().is_some() {
+                self.ids.lookup(global, generation).unwrap_or(0)
+            } else {
+                0
+            };
+            if let Some(e) = self.hit.lookup([id, g], [ctx, global], addr) {
+                return Some(e);
+            }
+        }
         let t = self.tlb.lock();
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        for c in [Some(ctx), ctx.asid().is_some().then_some(global)]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(id) = t.context_id(c) {
+                self.ids.fill(c, id, generation);
+            }
+        }
         let e = t.lookup(ctx, addr)?;
         if let Some(id) = t.context_id(e.ctx) {
             self.hit.insert(id, &e);
