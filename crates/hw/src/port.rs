@@ -102,7 +102,7 @@ impl MicroTlb {
     /// starts after software saw the SYNC loads the new epoch, so no entry filled before
     /// can hit; and a fill tagged with the new epoch was resolved after the Acquire that
     /// saw it, i.e. from the updated caches.
-    #[inline]
+    #[inline(always)]
     pub fn translate<E: EpochWord, F>(
         &mut self,
         epoch: &E,
@@ -113,7 +113,7 @@ impl MicroTlb {
         let page = txn.addr >> 12;
         let ssid = txn.ssid.unwrap_or(NO_SSID);
         let i = slot(txn.sid, ssid, page, self.mask);
-        let e = self.entries[i];
+        let e = &self.entries[i];
         if e.epoch == epoch
             && e.page == page
             && e.sid == txn.sid
@@ -122,13 +122,26 @@ impl MicroTlb {
         {
             return Ok((e.out_page | (txn.addr & 0xfff), true));
         }
+        self.miss(epoch, i, txn, slow)
+    }
+
+    /// The slow half of [`MicroTlb::translate`], out of line so the hit stays small.
+    #[cold]
+    #[inline(never)]
+    fn miss<F>(
+        &mut self,
+        epoch: u64,
+        i: usize,
+        txn: &Transaction,
+        slow: impl FnOnce() -> Result<(u64, Option<UFill>), F>,
+    ) -> Result<(u64, bool), F> {
         let (pa, fill) = slow()?;
         if let Some((out_page, allowed)) = fill {
             self.entries[i] = UEntry {
                 epoch,
-                page,
+                page: txn.addr >> 12,
                 sid: txn.sid,
-                ssid,
+                ssid: txn.ssid.unwrap_or(NO_SSID),
                 out_page,
                 allowed,
             };

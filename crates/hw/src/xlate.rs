@@ -667,34 +667,52 @@ impl Smmu {
         // last configuration change carries an older generation and is not used.
         let generation = self.ctx_gen.load(Ordering::Acquire);
         let known = self.ctxs.lookup(txn.sid, txn.ssid, generation);
-        if let Some(c) = &known
-            && let Some(r) = self.resolve_hit(txn, c, want_fill)
-        {
-            return Ok(r);
+        let mut array_missed = false;
+        if let Some(c) = &known {
+            match self.resolve_hit(txn, c, want_fill) {
+                Ok(r) => return Ok(r),
+                Err(m) => array_missed = m,
+            }
         }
-        self.resolve_slow(txn, want_fill, Slow { generation, known })
+        self.resolve_slow(
+            txn,
+            want_fill,
+            Slow {
+                generation,
+                known,
+                array_missed,
+            },
+        )
     }
 
     /// The hit path: the stream's hit context, one main-TLB probe (per block size present,
     /// and the global twin), the permission check. `None` sends the transaction down the
     /// slow path, which decides everything else (faults included) from scratch.
     #[inline]
-    fn resolve_hit(&self, txn: &Transaction, c: &HitCtx, want_fill: bool) -> Option<Resolved> {
+    /// `Err(true)`: the array holds no entry for the transaction; `Err(false)`: one denies
+    /// the access.
+    #[allow(clippy::result_unit_err)]
+    fn resolve_hit(
+        &self,
+        txn: &Transaction,
+        c: &HitCtx,
+        want_fill: bool,
+    ) -> Result<Resolved, bool> {
         let va = txn.addr;
         let key = if c.s1 && c.tbi[((va >> 55) & 1) as usize] {
             (((va << 8) as i64) >> 8) as u64
         } else {
             va
         };
-        let e = self.hit.probe_hit(c.ids, key, c.global_first)?;
+        let e = self.hit.probe_hit(c.ids, key, c.global_first).ok_or(true)?;
         // The entry's permissions were evaluated for each effective access when it was
         // inserted; the context maps the incoming attributes to the effective access.
         let incoming = access_bit(txn.kind, txn.privileged).trailing_zeros() as usize;
         if e.allow & c.effective[incoming] == 0 {
-            return None;
+            return Err(false);
         }
         self.counters.count_hit();
-        Some(Resolved {
+        Ok(Resolved {
             pa: e.out_base | (va & ((1u64 << e.shift) - 1)),
             fill: want_fill.then(|| Fill {
                 in_base: e.in_base,
@@ -717,16 +735,22 @@ impl Smmu {
         tag: Ctx,
         make: impl FnOnce([u64; 2]) -> HitCtx,
     ) {
-        let ids = {
-            let t = self.tlb.lock();
-            [
-                t.context_id(tag).unwrap_or(0),
-                if tag.asid().is_some() {
-                    t.context_id(tag.global()).unwrap_or(0)
-                } else {
-                    0
-                },
-            ]
+        let twin = tag.asid().is_some().then(|| tag.global());
+        // The ids as the id cache knows them under this translation's generation (a stale
+        // generation makes the filled context stale too), else from the store.
+        let cached = (
+            self.ids.lookup(tag, slow.generation),
+            twin.map_or(Some(0), |g| self.ids.lookup(g, slow.generation)),
+        );
+        let ids = match cached {
+            (Some(a), Some(b)) => [a, b],
+            _ => {
+                let t = self.tlb.lock();
+                [
+                    t.context_id(tag).unwrap_or(0),
+                    twin.and_then(|g| t.context_id(g)).unwrap_or(0),
+                ]
+            }
         };
         let c = make(ids);
         if slow.known == Some(c) {
@@ -912,6 +936,7 @@ impl Smmu {
                     access,
                     (privcfg, instcfg),
                     want_fill,
+                    slow.known.filter(|_| slow.array_missed).map(|c| c.ids),
                 )?;
                 let tbi = [
                     sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0),
@@ -1102,8 +1127,10 @@ impl Smmu {
             if let Some(id) = t.context_id(e.ctx) {
                 self.hit.insert(id, &e);
                 // Under the store lock the generation is exact for the ids read there.
-                self.ids
-                    .fill(e.ctx, id, self.ctx_gen.load(Ordering::Acquire));
+                let generation = self.ctx_gen.load(Ordering::Acquire);
+                if self.ids.lookup(e.ctx, generation) != Some(id) {
+                    self.ids.fill(e.ctx, id, generation);
+                }
             }
         }
     }
@@ -1113,26 +1140,33 @@ impl Smmu {
     /// contexts are known under the current generation, then the store under its lock,
     /// whose hit goes into the array.
     pub(crate) fn tlb_lookup(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
+        self.tlb_lookup_from(ctx, addr, None)
+    }
+
+    /// [`Smmu::tlb_lookup`]; `probed`: the context ids with which the hit path has just
+    /// probed the array for this address, and missed.
+    fn tlb_lookup_from(&self, ctx: Ctx, addr: u64, probed: Option<[u64; 2]>) -> Option<TlbEntry> {
         let generation = self.ctx_gen.load(Ordering::Acquire);
-        let global = ctx.global();
-        if let Some(id) = self.ids.lookup(ctx, generation) {
-            let g = if ctx.asid().is_some() {
-                self.ids.lookup(global, generation).unwrap_or(0)
-            } else {
-                0
-            };
-            if let Some(e) = self.hit.lookup([id, g], [ctx, global], addr) {
-                return Some(e);
-            }
+        let global = ctx.asid().is_some().then(|| ctx.global());
+        // Ids known under the current generation (0: the context holds no entries).
+        let own = self.ids.lookup(ctx, generation);
+        let twin = global.and_then(|g| self.ids.lookup(g, generation));
+        let ids = [own.unwrap_or(0), twin.unwrap_or(0)];
+        if probed != Some(ids)
+            && ids != [0, 0]
+            && let Some(e) = self.hit.lookup(ids, [ctx, global.unwrap_or(ctx)], addr)
+        {
+            return Some(e);
         }
         let t = self.tlb.lock();
+        // Under the store lock the generation is exact for the ids read there.
         let generation = self.ctx_gen.load(Ordering::Acquire);
-        for c in [Some(ctx), ctx.asid().is_some().then_some(global)]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(id) = t.context_id(c) {
-                self.ids.fill(c, id, generation);
+        for (c, cached) in [(Some(ctx), own), (global, twin)] {
+            if let Some(c) = c {
+                let id = t.context_id(c).unwrap_or(0);
+                if cached != Some(id) {
+                    self.ids.fill(c, id, generation);
+                }
             }
         }
         let e = t.lookup(ctx, addr)?;
@@ -1283,6 +1317,7 @@ impl Smmu {
         access: Access,
         (privcfg, instcfg): (AttrOverride, AttrOverride),
         want_fill: bool,
+        probed: Option<[u64; 2]>,
     ) -> Result<(Resolved, bool), Fail> {
         let va = txn.addr;
         // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
@@ -1298,7 +1333,8 @@ impl Smmu {
         } else {
             va
         };
-        let cached = self.tlb_lookup(ctx, key_va);
+        // The hit path's probe (same tag, same ids under this generation) already missed.
+        let cached = self.tlb_lookup_from(ctx, key_va, probed);
         let entry = match cached {
             Some(e) => {
                 inc(&self.counters.tlb_hits);
@@ -1536,6 +1572,8 @@ struct Slow {
     generation: u64,
     /// The stream's hit context, if the cache held one.
     known: Option<HitCtx>,
+    /// The hit path probed the array with that context's ids and found no entry.
+    array_missed: bool,
 }
 
 /// The TLB tag of a stage-1 (or nested) stream's entries. IHI0070 3.17: NS-EL1 entries
