@@ -344,9 +344,21 @@ impl HitTlb {
     /// Inserts or replaces `e` of context `id` (writer only). A full set gives up one of
     /// its slots: the store still holds that entry, and a slow-path lookup puts it back.
     pub fn insert(&self, id: u64, e: &TlbEntry) {
+        self.insert_as(id, e, true);
+    }
+
+    /// [`HitTlb::insert`] of an entry the store has just added (not replaced): the array
+    /// cannot hold its key (it holds only entries of the store), so no search for it.
+    pub fn insert_new(&self, id: u64, e: &TlbEntry) {
+        self.insert_as(id, e, false);
+    }
+
+    #[inline]
+    fn insert_as(&self, id: u64, e: &TlbEntry, may_exist: bool) {
         let (base, fp) = self.locate(id, page(e.in_base, e.shift));
         let own = base + preferred_way(fp);
-        let i = self.find(id, e).unwrap_or_else(|| {
+        let found = if may_exist { self.find(id, e) } else { None };
+        let i = found.unwrap_or_else(|| {
             std::iter::once(own)
                 .chain(base..base + WAYS)
                 .find(|&i| self.fps[i].load(Ordering::Relaxed) == 0)

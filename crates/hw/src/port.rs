@@ -194,7 +194,7 @@ impl DmaPort {
         self.chunk_op(txn, || PendingOp::Translate)
     }
 
-    #[inline]
+    #[inline(always)]
     fn chunk_op(&mut self, txn: Transaction, op: impl FnOnce() -> PendingOp) -> Outcome {
         let smmu = &self.smmu;
         let r = self.utlb.translate(&smmu.epoch, &txn, || {
@@ -210,8 +210,19 @@ impl DmaPort {
                 }
                 Outcome::Translated { pa }
             }
-            Err(f) => self.smmu.fail(&txn, f, op()),
+            Err(f) => self.failed(&txn, f, op),
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn failed(
+        &self,
+        txn: &Transaction,
+        f: crate::xlate::Fail,
+        op: impl FnOnce() -> PendingOp,
+    ) -> Outcome {
+        self.smmu.fail(txn, f, op())
     }
 
     /// DMA read through the port.

@@ -396,6 +396,12 @@ impl Tlb {
 
     /// Inserts (or replaces) an entry, evicting one entry if the TLB is full.
     pub fn insert(&mut self, e: TlbEntry) {
+        self.insert_reporting(e);
+    }
+
+    /// [`Tlb::insert`], telling whether `e` replaced an entry of the same context, base and
+    /// size (otherwise it is new to the TLB).
+    pub fn insert_reporting(&mut self, e: TlbEntry) -> bool {
         let key = page_key(e.in_base, e.shift);
         if let Some(c) = self.ctxs.get(&e.ctx)
             && let Some(&i) = c.map.get(&key)
@@ -403,7 +409,7 @@ impl Tlb {
         {
             let old = std::mem::replace(&mut slot.entry, e);
             self.log_removed(old);
-            return;
+            return true;
         }
         if self.len >= self.capacity {
             self.evict_one();
@@ -460,6 +466,7 @@ impl Tlb {
         }
         self.len += 1;
         self.counters.inserts += 1;
+        false
     }
 
     /// Empty contexts are kept (so a context that empties and refills does not churn its

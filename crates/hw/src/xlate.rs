@@ -733,6 +733,7 @@ impl Smmu {
         txn: &Transaction,
         slow: &Slow,
         tag: Ctx,
+        global_first: bool,
         make: impl FnOnce([u64; 2]) -> HitCtx,
     ) {
         let twin = tag.asid().is_some().then(|| tag.global());
@@ -752,10 +753,15 @@ impl Smmu {
                 ]
             }
         };
-        let c = make(ids);
-        if slow.known == Some(c) {
+        // A context known under this generation was made from the same configuration: the
+        // same TBI and access map; only its ids and the probe-order hint can differ.
+        if slow
+            .known
+            .is_some_and(|k| k.ids == ids && k.global_first == global_first)
+        {
             return;
         }
+        let c = make(ids);
         if let Some(_g) = self.ctx_fill.try_lock() {
             self.ctxs.fill(txn.sid, txn.ssid, slow.generation, &c);
         }
@@ -903,6 +909,7 @@ impl Smmu {
                     txn,
                     &slow,
                     Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false),
+                    false,
                     |ids| HitCtx::new(ids, false, [false; 2], (privcfg, instcfg), false),
                 );
                 let perms = EntryPerms {
@@ -944,7 +951,7 @@ impl Smmu {
                 ];
                 // Probe the global twin first if this translation used a global entry (an
                 // ordering hint only).
-                self.fill_ctx(txn, &slow, tag, |ids| {
+                self.fill_ctx(txn, &slow, tag, global, |ids| {
                     HitCtx::new(ids, true, tbi, (privcfg, instcfg), global)
                 });
                 Ok(r)
@@ -1119,13 +1126,17 @@ impl Smmu {
         let mut t = self.tlb.lock();
         // An invalidation since the walk started may have covered what it read.
         if self.tlb_gen.load(Ordering::Acquire) == gen0 {
-            t.insert(e);
+            let replaced = t.insert_reporting(e);
             // What the store evicted or replaced leaves the lookup array first.
             for (old, id) in t.drain_removed() {
                 self.hit.remove(id, &old);
             }
             if let Some(id) = t.context_id(e.ctx) {
-                self.hit.insert(id, &e);
+                if replaced {
+                    self.hit.insert(id, &e);
+                } else {
+                    self.hit.insert_new(id, &e);
+                }
                 // Under the store lock the generation is exact for the ids read there.
                 let generation = self.ctx_gen.load(Ordering::Acquire);
                 if self.ids.lookup(e.ctx, generation) != Some(id) {
@@ -1159,19 +1170,22 @@ impl Smmu {
             return Some(e);
         }
         let t = self.tlb.lock();
-        // Under the store lock the generation is exact for the ids read there.
+        // Under the store lock the generation is exact for the ids read there. Ids the
+        // cache did not know are recorded (0: the context holds nothing); a known one is
+        // corrected below if the store answers from another incarnation.
         let generation = self.ctx_gen.load(Ordering::Acquire);
         for (c, cached) in [(Some(ctx), own), (global, twin)] {
-            if let Some(c) = c {
-                let id = t.context_id(c).unwrap_or(0);
-                if cached != Some(id) {
-                    self.ids.fill(c, id, generation);
-                }
+            if let (Some(c), None) = (c, cached) {
+                self.ids.fill(c, t.context_id(c).unwrap_or(0), generation);
             }
         }
         let e = t.lookup(ctx, addr)?;
         if let Some(id) = t.context_id(e.ctx) {
             self.hit.insert(id, &e);
+            let known = if e.ctx == ctx { own } else { twin };
+            if known.is_some_and(|k| k != id) {
+                self.ids.fill(e.ctx, id, generation);
+            }
         }
         Some(e)
     }
