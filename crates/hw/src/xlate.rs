@@ -303,11 +303,18 @@ struct S1Sel {
 impl Smmu {
     /// Presents one transaction and translates it without moving data (the `dma` command of
     /// `twinmmu qtest`, and ATS-style translation).
+    #[inline]
     pub fn translate(&self, txn: Transaction) -> Outcome {
         match self.resolve(&txn, false) {
             Ok(r) => Outcome::Translated { pa: r.pa },
-            Err(f) => self.fail(&txn, f, PendingOp::Translate),
+            Err(f) => self.fail_translate(&txn, f),
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn fail_translate(&self, txn: &Transaction, f: Fail) -> Outcome {
+        self.fail(txn, f, PendingOp::Translate)
     }
 
     /// Reads `buf.len()` bytes at IOVA `iova` as a data read of `sid`/`ssid`.
@@ -662,6 +669,7 @@ impl Smmu {
     // ------------------------------------------------------------------ the flow
 
     /// The translation flow; `Err` carries the fault before the recording rules.
+    #[inline]
     pub(crate) fn resolve(&self, txn: &Transaction, want_fill: bool) -> Result<Resolved, Fail> {
         // Acquire pairs with the Release of `config_changed`: a context filled before the
         // last configuration change carries an older generation and is not used.
@@ -767,6 +775,8 @@ impl Smmu {
         }
     }
 
+    /// Everything but a hit: out of line, so the hit path stays a small leaf.
+    #[inline(never)]
     fn resolve_slow(
         &self,
         txn: &Transaction,
