@@ -648,3 +648,46 @@ fn stall_term_and_smmuen_reach_stalls_still_waiting_for_their_record() {
         Some(StallResult::Failed(_))
     ));
 }
+
+#[test]
+fn a_stall_whose_record_write_aborts_waits_for_the_abort_to_be_acknowledged() {
+    let (m, _) = stalling_machine_small_evtq();
+    // The event queue moved outside memory: writing a record aborts (IHI0070 7.2.2).
+    m.w32(off::CR0, 0b1001);
+    m.w64(off::EVENTQ_BASE, 0x1_0000_0000 | 1);
+    m.w32(off::CR0, 0b1101);
+    let t = Transaction::new(2, None, 0x6000, AccessKind::Read, false);
+    let Outcome::Stalled { stag, .. } = m.smmu.translate(t) else {
+        panic!()
+    };
+    assert_ne!(
+        (m.r32(off::GERROR) ^ m.r32(off::GERRORN)) & (1 << 2),
+        0,
+        "EVENTQ_ABT_ERR active"
+    );
+    assert!(m.smmu.is_stalled(2, stag), "the transaction stays stalled");
+    // Software repairs the queue; while the abort is unacknowledged the queue is still not
+    // writable (IHI0070 7.2.1), so nothing is recorded yet.
+    m.w32(off::CR0, 0b1001);
+    m.w64(off::EVENTQ_BASE, EVTQ | 1);
+    m.w32(PAGE1 + off::EVENTQ_PROD, 0);
+    m.w32(PAGE1 + off::EVENTQ_CONS, 0);
+    m.w32(off::CR0, 0b1101);
+    assert!(m.events().is_empty());
+    // Acknowledging EVENTQ_ABT_ERR makes it writable: the retry records the stall.
+    m.w32(off::GERRORN, m.r32(off::GERROR));
+    let evs = m.events();
+    assert_eq!(evs.len(), 1);
+    assert_ne!(evs[0][1] & (1 << 31), 0, "Stall = 1");
+    assert_eq!(evs[0][1] & 0xffff, u64::from(stag));
+    assert!(m.smmu.is_stalled(2, stag));
+    m.submit(&[build::resume(2, stag, false, true), build::sync()]);
+    assert!(matches!(
+        m.smmu.stall_result(2, stag),
+        Some(StallResult::Failed(DmaError::Fault {
+            recorded: true,
+            termination: Termination::Abort,
+            ..
+        }))
+    ));
+}
