@@ -24,7 +24,7 @@
 //! `crossbeam_utils::atomic::SeqLock` (Release fence after the odd sequence number, Acquire
 //! fence before re-reading it).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 
 use twinmmu_vmsa::{Access, AccessKind, S1Controls, S1Perms, S2Perms};
 
@@ -225,6 +225,9 @@ pub(crate) struct HitTlb {
     /// Fingerprint of each slot's key (0 = empty), compared before a slot is read.
     fps: Box<[AtomicU32]>,
     slots: Box<[SeqSlot<5>]>,
+    /// Per slot: hit since the store's CLOCK hand last asked. Set by hits only when clear
+    /// (a read in the steady state: no cache line bounces between hitting threads).
+    refs: Box<[AtomicBool]>,
     set_mask: usize,
     /// The block sizes (bit per shift) inserted: lookups probe these.
     sizes: AtomicU64,
@@ -242,6 +245,7 @@ impl HitTlb {
         HitTlb {
             fps: (0..n).map(|_| AtomicU32::new(0)).collect(),
             slots: (0..n).map(|_| SeqSlot::new()).collect(),
+            refs: (0..n).map(|_| AtomicBool::new(false)).collect(),
             set_mask: n / WAYS - 1,
             sizes: AtomicU64::new(0),
             victim: AtomicU32::new(0),
@@ -256,6 +260,11 @@ impl HitTlb {
 
     #[inline(always)]
     fn probe(&self, id: u64, addr: u64, shift: u8) -> Option<[u64; 5]> {
+        self.probe_at(id, addr, shift).map(|(_, v)| v)
+    }
+
+    #[inline(always)]
+    fn probe_at(&self, id: u64, addr: u64, shift: u8) -> Option<(usize, [u64; 5])> {
         let (base, fp) = self.locate(id, page(addr, shift));
         // Inserts prefer the key's own way, so the first comparison usually decides.
         let first = preferred_way(fp);
@@ -266,7 +275,8 @@ impl HitTlb {
             fps.iter().position(|f| f.load(Ordering::Acquire) == fp)?
         };
         let v = self.slots[base + way].read()?;
-        (v[0] == id | VALID && v[4] as u8 == shift && v[1] == (addr >> shift) << shift).then_some(v)
+        (v[0] == id | VALID && v[4] as u8 == shift && v[1] == (addr >> shift) << shift)
+            .then_some((base + way, v))
     }
 
     /// The entry covering `addr` of the context `ids[0]`, or of its global twin `ids[1]`
@@ -284,19 +294,23 @@ impl HitTlb {
         while sizes != 0 {
             let shift = sizes.trailing_zeros() as u8;
             sizes &= sizes - 1;
-            let v = match (first != 0)
-                .then(|| self.probe(first, addr, shift))
+            let (i, v) = match (first != 0)
+                .then(|| self.probe_at(first, addr, shift))
                 .flatten()
             {
-                Some(v) => v,
+                Some(x) => x,
                 None => match (second != 0)
-                    .then(|| self.probe(second, addr, shift))
+                    .then(|| self.probe_at(second, addr, shift))
                     .flatten()
                 {
-                    Some(v) => v,
+                    Some(x) => x,
                     None => continue,
                 },
             };
+            // CLOCK's reference bit, written only when clear.
+            if !self.refs[i].load(Ordering::Relaxed) {
+                self.refs[i].store(true, Ordering::Relaxed);
+            }
             return Some(HitEntry {
                 in_base: v[1],
                 out_base: v[2],
@@ -368,9 +382,19 @@ impl HitTlb {
         });
         self.fps[i].store(0, Ordering::Release);
         self.slots[i].write(encode(id, e));
+        if found.is_none() {
+            self.refs[i].store(false, Ordering::Relaxed);
+        }
         self.fps[i].store(fp, Ordering::Release);
         self.sizes
             .fetch_or(1u64 << (e.shift & 63), Ordering::Release);
+    }
+
+    /// Whether `e` of context `id` was hit since the last call (and clears the bit); for
+    /// the store's CLOCK (writer only).
+    pub fn take_referenced(&self, id: u64, e: &TlbEntry) -> bool {
+        self.find(id, e)
+            .is_some_and(|i| self.refs[i].swap(false, Ordering::Relaxed))
     }
 
     /// Removes `e` of context `id` if present (writer only).

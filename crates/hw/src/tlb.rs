@@ -143,6 +143,8 @@ impl TlbEntry {
 struct Slot {
     entry: TlbEntry,
     referenced: AtomicBool,
+    /// The id of the context incarnation holding it.
+    ctx_id: u64,
 }
 
 /// The entries of one context: a hash map for lookups (key: input page at a size), a
@@ -402,6 +404,18 @@ impl Tlb {
     /// [`Tlb::insert`], telling whether `e` replaced an entry of the same context, base and
     /// size (otherwise it is new to the TLB).
     pub fn insert_reporting(&mut self, e: TlbEntry) -> bool {
+        self.insert_reporting_with(e, |_, _| false)
+    }
+
+    /// [`Tlb::insert_reporting`] for an owner that serves hits from its own index of the
+    /// entries (the SMMU's hit array): CLOCK asks `used_elsewhere(entry, context id)`
+    /// whether an entry was referenced there since the hand last passed (and the owner
+    /// clears its bit), so entries hit only through the index get their second chance.
+    pub fn insert_reporting_with(
+        &mut self,
+        e: TlbEntry,
+        mut used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
+    ) -> bool {
         let key = page_key(e.in_base, e.shift);
         if let Some(c) = self.ctxs.get(&e.ctx)
             && let Some(&i) = c.map.get(&key)
@@ -412,7 +426,7 @@ impl Tlb {
             return true;
         }
         if self.len >= self.capacity {
-            self.evict_one();
+            self.evict_one(&mut used_elsewhere);
         }
         // Release the memory of one unlinked context per insert, beyond a few kept for
         // reuse.
@@ -422,6 +436,7 @@ impl Tlb {
         let slot = Slot {
             entry: e,
             referenced: AtomicBool::new(false),
+            ctx_id: 0,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -450,6 +465,9 @@ impl Tlb {
         });
         c.map.insert(key, i);
         c.by_addr.insert(e.in_base | u64::from(e.shift), i);
+        if let Some(Some(sl)) = self.slots.get_mut(i as usize) {
+            sl.ctx_id = c.id;
+        }
         let s = usize::from(e.shift & 63);
         c.size_count[s] += 1;
         c.sizes |= 1 << s;
@@ -485,7 +503,7 @@ impl Tlb {
     }
 
     /// CLOCK: sweep from the hand, giving referenced entries a second chance.
-    fn evict_one(&mut self) {
+    fn evict_one(&mut self, used_elsewhere: &mut impl FnMut(&TlbEntry, u64) -> bool) {
         let n = self.slots.len();
         if n == 0 {
             return;
@@ -494,7 +512,9 @@ impl Tlb {
             let i = self.hand % n;
             self.hand = (i + 1) % n;
             if let Some(slot) = &self.slots[i] {
-                if slot.referenced.swap(false, Ordering::Relaxed) {
+                // Both reference bits are consumed: this one and the owner's.
+                let mine = slot.referenced.swap(false, Ordering::Relaxed);
+                if used_elsewhere(&slot.entry, slot.ctx_id) | mine {
                     continue;
                 }
                 self.remove_slot(i as u32);

@@ -1136,7 +1136,8 @@ impl Smmu {
         let mut t = self.tlb.lock();
         // An invalidation since the walk started may have covered what it read.
         if self.tlb_gen.load(Ordering::Acquire) == gen0 {
-            let replaced = t.insert_reporting(e);
+            // Entries hit through the array are referenced there: CLOCK asks it.
+            let replaced = t.insert_reporting_with(e, |old, id| self.hit.take_referenced(id, old));
             // What the store evicted or replaced leaves the lookup array first.
             for (old, id) in t.drain_removed() {
                 self.hit.remove(id, &old);

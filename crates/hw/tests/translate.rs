@@ -275,3 +275,49 @@ fn descriptor_reads_are_counted_per_level_exactly() {
     assert_eq!(st.walks_s2, 4);
     assert_eq!(st.desc_reads[1], [4, 4, 4, 4]);
 }
+
+#[test]
+fn entries_hit_through_the_lock_free_path_get_their_clock_second_chance() {
+    let mut m = Machine::new(SmmuConfig {
+        tlb_capacity: 8,
+        ..SmmuConfig::default()
+    });
+    let mem = m.mem.clone();
+    let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
+    for p in 0..16u64 {
+        b.map(0x10_0000 + p * 0x1000, DATA + p * 0x1000, 0x1000, urw())
+            .unwrap();
+    }
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, b.root(), 1));
+    m.set_ste(1, &s1_ste(CDS, 0, 1));
+    let t = |p: u64| {
+        m.smmu.translate(Transaction::new(
+            1,
+            None,
+            0x10_0000 + p * 0x1000,
+            AccessKind::Read,
+            false,
+        ))
+    };
+    for p in 0..8 {
+        assert!(matches!(t(p), Outcome::Translated { .. }));
+    }
+    // Page 0 is hot, served by the hit path only.
+    for _ in 0..4 {
+        assert!(matches!(t(0), Outcome::Translated { .. }));
+    }
+    // Four new pages: CLOCK evicts four entries, not the hot one.
+    for p in 8..12 {
+        assert!(matches!(t(p), Outcome::Translated { .. }));
+    }
+    assert_eq!(m.smmu.stats().tlb_entries, 8);
+    let walks = m.smmu.stats().walks_s1;
+    assert!(matches!(t(0), Outcome::Translated { pa } if pa == DATA));
+    assert_eq!(m.smmu.stats().walks_s1, walks, "page 0 was still cached");
+    assert!(matches!(t(1), Outcome::Translated { .. }));
+    assert_eq!(
+        m.smmu.stats().walks_s1,
+        walks + 1,
+        "page 1 had been evicted"
+    );
+}
