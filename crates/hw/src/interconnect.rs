@@ -425,13 +425,27 @@ impl Dvm {
     /// it does not change what the message does. The PE's own pending TLBIs are not
     /// part of the report (they complete here all the same).
     pub fn broadcast(&self, issuer: Option<usize>, t: Tlbi) -> Result<DvmReport, DvmError> {
+        self.broadcast_all(issuer, &[t])
+    }
+
+    /// [`Dvm::broadcast`] of several messages with one DSB after the last (`TLBI; TLBI;
+    /// …; DSB ISH`). Every message is checked before any is posted.
+    pub fn broadcast_all(&self, issuer: Option<usize>, ts: &[Tlbi]) -> Result<DvmReport, DvmError> {
         if let Some(i) = issuer {
             self.pe(i)?;
         }
-        let done = self.post(t)?;
+        for t in ts {
+            check_operands(t)?;
+        }
+        let mut done = Vec::with_capacity(ts.len());
+        for &t in ts {
+            done.push(self.post(t)?);
+        }
         self.complete_all();
         let mut report = DvmReport::default();
-        report.add(&done);
+        for d in &done {
+            report.add(d);
+        }
         Ok(report)
     }
 
