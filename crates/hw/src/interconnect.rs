@@ -10,10 +10,11 @@
 //! The model keeps that split and makes it hold under concurrency:
 //! - each recipient has an inbox (a sequence number per message posted, and the highest
 //!   sequence number applied);
-//! - a recipient applies its inbox in order under its *drain lock* (for a PE, its TLB write
-//!   lock), and publishes the applied sequence number only after the entries are gone;
+//! - a recipient's inbox is applied in order with the inbox locked (for a PE, under its TLB
+//!   write lock too), and the applied sequence number is published only after the entries
+//!   are gone;
 //! - a DSB, for each recipient, compares the applied number with the posted one and, if the
-//!   recipient is behind, drains the inbox itself. The drain lock serialises drains, so
+//!   recipient is behind, drains the inbox itself. The inbox lock serialises drains, so
 //!   when a DSB sees `applied ≥ posted` (or has drained itself) every message it posted is
 //!   applied — no matter which thread applied it;
 //! - a PE walk that started before an invalidation does not insert its result after it
@@ -59,19 +60,22 @@ impl DvmReport {
         self.pe_removed + self.smmu_removed
     }
 
+    /// Adds a completed message's record (every recipient has applied it).
     fn add(&mut self, c: &Completion) {
         self.tlbis += 1;
-        self.deliveries += c.deliveries.load(Ordering::Acquire);
+        self.deliveries += c.recipients;
         self.pe_removed += c.pe_removed.load(Ordering::Acquire);
         self.smmu_honoured += c.smmu_honoured.load(Ordering::Acquire);
         self.smmu_removed += c.smmu_removed.load(Ordering::Acquire);
     }
 }
 
-/// The per-message record the recipients fill in as they apply it.
+/// The per-message record the recipients fill in as they apply it (only what is not
+/// zero, so a TLBI that removes nothing costs no shared write per recipient).
 #[derive(Debug, Default)]
 pub(crate) struct Completion {
-    deliveries: AtomicU64,
+    /// Recipients it was posted to.
+    recipients: u64,
     pe_removed: AtomicU64,
     smmu_honoured: AtomicU64,
     smmu_removed: AtomicU64,
@@ -79,15 +83,17 @@ pub(crate) struct Completion {
 
 impl Completion {
     pub(crate) fn pe_applied(&self, removed: usize) {
-        self.deliveries.fetch_add(1, Ordering::Relaxed);
-        self.pe_removed.fetch_add(removed as u64, Ordering::Relaxed);
+        if removed > 0 {
+            self.pe_removed.fetch_add(removed as u64, Ordering::Relaxed);
+        }
     }
 
     fn smmu_applied(&self, removed: Option<usize>) {
-        self.deliveries.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = removed {
             self.smmu_honoured.fetch_add(1, Ordering::Relaxed);
-            self.smmu_removed.fetch_add(n as u64, Ordering::Relaxed);
+            if n > 0 {
+                self.smmu_removed.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -99,14 +105,20 @@ pub(crate) struct Message {
     pub(crate) done: Arc<Completion>,
 }
 
+/// What the inbox lock protects. The counters are written only here: plain integers.
 #[derive(Debug, Default)]
 struct Queue {
     items: Vec<Message>,
     posted: u64,
+    received: u64,
+    acted: u64,
+    removed: u64,
+    drains: u64,
 }
 
-/// A recipient's inbox. Messages are taken only under the recipient's drain lock, and
-/// `applied` is stored (Release) only after what was taken is applied.
+/// A recipient's inbox. Messages are applied with the queue locked (the lock serialises
+/// drains, and the buffer keeps its capacity); `applied` is stored (Release) only after
+/// they are.
 #[derive(Debug, Default)]
 pub(crate) struct Inbox {
     queue: Mutex<Queue>,
@@ -114,9 +126,6 @@ pub(crate) struct Inbox {
     posted: AtomicU64,
     /// Sequence number of the last message applied.
     applied: AtomicU64,
-    received: AtomicU64,
-    acted: AtomicU64,
-    removed: AtomicU64,
 }
 
 impl Inbox {
@@ -134,58 +143,58 @@ impl Inbox {
         self.applied.load(Ordering::Acquire) < self.posted.load(Ordering::Acquire)
     }
 
-    /// Takes everything waiting, with the sequence number it reaches. Call with the drain
-    /// lock held, and [`Inbox::applied`] after applying.
-    pub(crate) fn take(&self) -> (Vec<Message>, u64) {
+    /// Applies every waiting message in order with `apply` (which returns whether the
+    /// recipient acted on it and the entries it removed), then publishes the sequence
+    /// number reached. Returns whether there was anything. A PE calls this with its TLB
+    /// write lock held.
+    pub(crate) fn drain(&self, mut apply: impl FnMut(&Message) -> (bool, usize)) -> bool {
         let mut q = self.queue.lock();
-        (std::mem::take(&mut q.items), q.posted)
-    }
-
-    /// Publishes that every message up to `upto` is applied (drain lock still held).
-    pub(crate) fn applied(&self, upto: u64, received: usize, acted: usize, removed: u64) {
-        self.received.fetch_add(received as u64, Ordering::Relaxed);
-        self.acted.fetch_add(acted as u64, Ordering::Relaxed);
-        self.removed.fetch_add(removed, Ordering::Relaxed);
-        self.applied.store(upto, Ordering::Release);
-    }
-
-    fn stats(&self) -> RecipientStats {
-        RecipientStats {
-            received: self.received.load(Ordering::Relaxed),
-            acted: self.acted.load(Ordering::Relaxed),
-            removed: self.removed.load(Ordering::Relaxed),
-            pending: self
-                .posted
-                .load(Ordering::Acquire)
-                .saturating_sub(self.applied.load(Ordering::Acquire)),
+        if q.items.is_empty() {
+            return false;
         }
+        let (mut acted, mut removed) = (0u64, 0u64);
+        for m in &q.items {
+            let (a, n) = apply(m);
+            acted += u64::from(a);
+            removed += n as u64;
+        }
+        q.received += q.items.len() as u64;
+        q.acted += acted;
+        q.removed += removed;
+        q.drains += 1;
+        q.items.clear();
+        self.applied.store(q.posted, Ordering::Release);
+        true
+    }
+
+    /// The recipient's counters, and how many drains it has had.
+    pub(crate) fn stats(&self) -> (RecipientStats, u64) {
+        let q = self.queue.lock();
+        (
+            RecipientStats {
+                received: q.received,
+                acted: q.acted,
+                removed: q.removed,
+                pending: q.items.len() as u64,
+            },
+            q.drains,
+        )
     }
 }
 
-/// An SMMU's DVM port: its inbox and the lock that serialises its drains.
+/// An SMMU's DVM port.
 struct SmmuPort {
     smmu: Arc<Smmu>,
     inbox: Inbox,
-    drain: Mutex<()>,
 }
 
 impl SmmuPort {
     fn drain(&self) {
-        let _g = self.drain.lock();
-        let (items, upto) = self.inbox.take();
-        if items.is_empty() {
-            return;
-        }
-        let (mut acted, mut removed) = (0usize, 0u64);
-        for m in &items {
+        self.inbox.drain(|m| {
             let r = self.smmu.broadcast_counted(m.tlbi);
-            if let Some(n) = r {
-                acted += 1;
-                removed += n as u64;
-            }
             m.done.smmu_applied(r);
-        }
-        self.inbox.applied(upto, items.len(), acted, removed);
+            (r.is_some(), r.unwrap_or(0))
+        });
     }
 }
 
@@ -211,7 +220,8 @@ pub struct DvmStats {
     pub by_op: Vec<(TlbiOp, u64)>,
     /// DSBs that completed broadcasts (each synchronous [`Dvm::broadcast`] counts one).
     pub dsbs: u64,
-    /// Drains a DSB or a full inbox performed on a recipient's behalf.
+    /// Inbox drains (by a DSB, or by a poster finding an inbox full), over every
+    /// recipient.
     pub drains: u64,
     /// Per PE, in PE order.
     pub pes: Vec<RecipientStats>,
@@ -328,7 +338,6 @@ pub struct Dvm {
     broadcasts: AtomicU64,
     by_op: [AtomicU64; TlbiOp::ALL.len()],
     dsbs: AtomicU64,
-    drains: AtomicU64,
 }
 
 impl std::fmt::Debug for Dvm {
@@ -356,7 +365,6 @@ impl Dvm {
             broadcasts: AtomicU64::new(0),
             by_op: std::array::from_fn(|_| AtomicU64::new(0)),
             dsbs: AtomicU64::new(0),
-            drains: AtomicU64::new(0),
         })
     }
 
@@ -378,7 +386,6 @@ impl Dvm {
         v.push(Arc::new(SmmuPort {
             smmu,
             inbox: Inbox::default(),
-            drain: Mutex::new(()),
         }));
         v.len() - 1
     }
@@ -452,7 +459,11 @@ impl Dvm {
     /// Posts `t` to every PE and every attached SMMU.
     fn post(&self, t: Tlbi) -> Result<Arc<Completion>, DvmError> {
         check_operands(&t)?;
-        let done = Arc::new(Completion::default());
+        let smmus = self.smmus.read();
+        let done = Arc::new(Completion {
+            recipients: (self.pes.len() + smmus.len()) as u64,
+            ..Completion::default()
+        });
         let m = Message {
             tlbi: t,
             done: Arc::clone(&done),
@@ -461,14 +472,11 @@ impl Dvm {
         self.by_op[op_index(t.op)].fetch_add(1, Ordering::Relaxed);
         for pe in self.pes.iter() {
             if pe.inbox.post(m.clone()) >= self.inbox_capacity {
-                self.drains.fetch_add(1, Ordering::Relaxed);
                 pe.drain();
             }
         }
-        let smmus = self.smmus.read();
         for s in smmus.iter() {
             if s.inbox.post(m.clone()) >= self.inbox_capacity {
-                self.drains.fetch_add(1, Ordering::Relaxed);
                 s.drain();
             }
         }
@@ -481,20 +489,20 @@ impl Dvm {
         self.dsbs.fetch_add(1, Ordering::Relaxed);
         for pe in self.pes.iter() {
             if pe.inbox.behind() {
-                self.drains.fetch_add(1, Ordering::Relaxed);
                 pe.drain();
             }
         }
-        let smmus: Vec<Arc<SmmuPort>> = self.smmus.read().clone();
-        for s in &smmus {
+        for s in self.smmus.read().iter() {
             if s.inbox.behind() {
-                self.drains.fetch_add(1, Ordering::Relaxed);
                 s.drain();
             }
         }
     }
 
     pub fn stats(&self) -> DvmStats {
+        let pes: Vec<(RecipientStats, u64)> = self.pes.iter().map(|p| p.inbox.stats()).collect();
+        let smmus: Vec<(RecipientStats, u64)> =
+            self.smmus.read().iter().map(|s| s.inbox.stats()).collect();
         DvmStats {
             broadcasts: self.broadcasts.load(Ordering::Relaxed),
             by_op: TlbiOp::ALL
@@ -504,9 +512,9 @@ impl Dvm {
                 .filter(|&(_, n)| n > 0)
                 .collect(),
             dsbs: self.dsbs.load(Ordering::Relaxed),
-            drains: self.drains.load(Ordering::Relaxed),
-            pes: self.pes.iter().map(|p| p.inbox.stats()).collect(),
-            smmus: self.smmus.read().iter().map(|s| s.inbox.stats()).collect(),
+            drains: pes.iter().chain(&smmus).map(|&(_, d)| d).sum(),
+            pes: pes.into_iter().map(|(s, _)| s).collect(),
+            smmus: smmus.into_iter().map(|(s, _)| s).collect(),
         }
     }
 }

@@ -225,14 +225,17 @@ struct Counters {
     walks_s1: AtomicU64,
     walks_s2: AtomicU64,
     inserts_dropped: AtomicU64,
-    dvm_applied: AtomicU64,
-    dvm_removed: AtomicU64,
     local_tlbis: AtomicU64,
     local_removed: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds to a word only ever written under the TLB write lock.
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Release);
 }
 
 /// A stage-2 lookup result.
@@ -463,42 +466,27 @@ impl Pe {
     /// (`TLBI VMALLE1` for `Vmalle1is`, …), complete on return. Returns the entries removed.
     pub fn tlbi_local(&self, t: &Tlbi) -> usize {
         let scope = tlbi_scope(t, self.cfg.vhe);
-        let n = {
-            let mut tlb = self.tlb.write();
-            let n = tlb.invalidate(&scope);
-            self.tlb_gen.fetch_add(1, Ordering::AcqRel);
-            n
-        };
-        inc(&self.counters.local_tlbis);
-        self.counters
-            .local_removed
-            .fetch_add(n as u64, Ordering::Relaxed);
+        let mut tlb = self.tlb.write();
+        let n = tlb.invalidate(&scope);
+        // Written only under the TLB write lock: a load and a store, no locked add.
+        bump(&self.tlb_gen, 1);
+        bump(&self.counters.local_tlbis, 1);
+        bump(&self.counters.local_removed, n as u64);
         n
     }
 
-    /// Applies every DVM message waiting in the inbox, in order, under the TLB write lock
-    /// (which is this PE's drain lock).
+    /// Applies every DVM message waiting in the inbox, in order, under the TLB write lock.
     pub(crate) fn drain(&self) {
         let mut tlb = self.tlb.write();
-        let (items, upto) = self.inbox.take();
-        if items.is_empty() {
-            return;
-        }
-        let mut removed = 0u64;
-        for m in &items {
-            let n = tlb.invalidate(&tlbi_scope(&m.tlbi, self.cfg.vhe));
-            removed += n as u64;
+        let vhe = self.cfg.vhe;
+        let applied = self.inbox.drain(|m| {
+            let n = tlb.invalidate(&tlbi_scope(&m.tlbi, vhe));
             m.done.pe_applied(n);
+            (true, n)
+        });
+        if applied {
+            bump(&self.tlb_gen, 1);
         }
-        self.tlb_gen.fetch_add(1, Ordering::AcqRel);
-        drop(tlb);
-        self.counters
-            .dvm_applied
-            .fetch_add(items.len() as u64, Ordering::Relaxed);
-        self.counters
-            .dvm_removed
-            .fetch_add(removed, Ordering::Relaxed);
-        self.inbox.applied(upto, items.len(), items.len(), removed);
     }
 
     /// Every TLB entry (tests and the oracle).
@@ -522,6 +510,7 @@ impl Pe {
             let t = self.tlb.read();
             (t.len() as u64, t.counters().evictions)
         };
+        let (dvm, _) = self.inbox.stats();
         PeStats {
             translations: g(&c.translations),
             tlb_hits: g(&c.tlb_hits),
@@ -531,8 +520,8 @@ impl Pe {
             inserts_dropped: g(&c.inserts_dropped),
             tlb_entries,
             tlb_evictions: evictions,
-            dvm_applied: g(&c.dvm_applied),
-            dvm_removed: g(&c.dvm_removed),
+            dvm_applied: dvm.received,
+            dvm_removed: dvm.removed,
             local_tlbis: g(&c.local_tlbis),
             local_removed: g(&c.local_removed),
         }
