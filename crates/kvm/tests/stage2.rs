@@ -347,3 +347,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn every_granule_maps_unmaps_and_flushes() {
+    for (g, level) in [(Granule::Size16K, 2u8), (Granule::Size64K, 2)] {
+        for range in [true, false] {
+            let h = host(range);
+            let vm = h.kvm.create_vm(VmConfig::default().granule(g));
+            let cfg = vm.stage2_config().unwrap();
+            // KVM's start level for a 40-bit IPA: the shallowest the size allows.
+            assert_eq!(cfg.geometry().start_level(), level, "{g:?}");
+            let gs = g.size();
+            vm.add_ram(IPA, 64 * gs).unwrap();
+            vm.stage2_map(IPA, 64 * gs).unwrap();
+            let mut v = vm.create_vcpu();
+            v.load(0).unwrap();
+            let ipa = IPA + 5 * gs + 8;
+            assert_eq!(v.translate(ipa, rd()).unwrap().pa, vm.ram_pa(ipa).unwrap());
+            let r = vm.stage2_unmap(1, IPA + 4 * gs, 3 * gs).unwrap();
+            assert!(r.pe_removed >= 1, "{g:?} range {range}: {r:?}");
+            assert!(v.translate(ipa, rd()).is_err());
+            assert_eq!(
+                v.translate(IPA + 7 * gs, rd()).unwrap().pa,
+                vm.ram_pa(IPA + 7 * gs).unwrap()
+            );
+            assert!(matches!(
+                vm.stage2_map(IPA + 4 * gs + 0x1000, gs),
+                Err(Stage2Error::Misaligned { .. })
+            ));
+            v.put().unwrap();
+        }
+    }
+}
