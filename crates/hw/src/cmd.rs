@@ -715,10 +715,7 @@ mod tests {
         };
         assert_eq!(at(0x1000, 3, 1, 12), (0x1000, 0x1000 + 8 * 0x1000));
         assert_eq!(at(0x1000, 255, 255, 16), (0x1000, u64::MAX));
-        assert_eq!(
-            at(u64::MAX & !0xfff, 0, 52, 12),
-            (u64::MAX & !0xfff, u64::MAX)
-        );
+        assert_eq!(at(!0xfffu64, 0, 52, 12), (!0xfffu64, u64::MAX));
         assert_eq!(at(0, 0, 51, 12), (0, 1 << 63));
     }
 
