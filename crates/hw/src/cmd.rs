@@ -202,10 +202,17 @@ impl TlbiAddr {
         match self.range {
             None => (self.addr, self.addr.saturating_add(1)),
             Some(r) => {
-                // Range = (NUM + 1) × 2^SCALE granules, no wrap past the top.
-                let pages = (u128::from(r.num) + 1) << r.scale;
-                let bytes = pages << r.tg_shift;
-                let end = u128::from(self.addr) + bytes;
+                // Range = (NUM + 1) × 2^SCALE granules, no wrap past the top. A decoded
+                // command's SCALE is 6 bits, but a broadcast built by a caller may carry
+                // any u8: a span past the top of the address space saturates, never
+                // overflows.
+                let shift = u32::from(r.scale) + u32::from(r.tg_shift);
+                let bytes = if shift >= 64 {
+                    u128::MAX
+                } else {
+                    (u128::from(r.num) + 1) << shift
+                };
+                let end = u128::from(self.addr).saturating_add(bytes);
                 (self.addr, end.min(u128::from(u64::MAX)) as u64)
             }
         }
@@ -711,6 +718,27 @@ pub mod build {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn range_spans_saturate_instead_of_overflowing() {
+        let at = |addr, num, scale, tg_shift| {
+            TlbiAddr {
+                addr,
+                leaf: false,
+                range: Some(TlbiRange {
+                    tg_shift,
+                    num,
+                    scale,
+                    ttl: 0,
+                }),
+            }
+            .span()
+        };
+        assert_eq!(at(0x1000, 3, 1, 12), (0x1000, 0x1000 + 8 * 0x1000));
+        assert_eq!(at(0x1000, 255, 255, 16), (0x1000, u64::MAX));
+        assert_eq!(at(!0xfffu64, 0, 52, 12), (!0xfffu64, u64::MAX));
+        assert_eq!(at(0, 0, 51, 12), (0, 1 << 63));
+    }
 
     #[test]
     fn stream_dword0_fields_by_bit_position() {

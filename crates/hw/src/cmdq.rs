@@ -300,7 +300,7 @@ impl Smmu {
         } else {
             (World::El2, AsidMatch::Any)
         };
-        let _ = self.invalidate(InvScope {
+        self.invalidate(InvScope {
             worlds: InvScope::world_bit(world),
             kinds: InvScope::ALL_KINDS,
             vmid: None,
@@ -322,9 +322,13 @@ impl Smmu {
     }
 
     /// Removes every TLB entry in `scope`, then publishes the change to the micro-TLBs.
-    /// Removes every TLB entry in `scope` (from the store, then from the lookup array),
-    /// then publishes the change to the micro-TLBs. Returns how many entries it removed.
-    pub(crate) fn invalidate(&self, scope: InvScope) -> usize {
+    pub(crate) fn invalidate(&self, scope: InvScope) {
+        self.invalidate_counted(scope);
+    }
+
+    /// [`Smmu::invalidate`], returning how many entries it removed: from the store, then
+    /// from the lookup array.
+    pub(crate) fn invalidate_counted(&self, scope: InvScope) -> usize {
         let removed = {
             let mut t = self.tlb.lock();
             let drops = t.whole_context_drops();

@@ -5,9 +5,11 @@
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use twinmmu_hw::cmd::{CmdqEntry, decode};
+use twinmmu_hw::cmd::{CmdqEntry, TlbiRange, decode};
 use twinmmu_hw::regs::off;
-use twinmmu_hw::{AccessKind, PhysMem, Smmu, SmmuConfig, SparseMem, StallModel, Transaction};
+use twinmmu_hw::{
+    AccessKind, PhysMem, Smmu, SmmuConfig, SparseMem, StallModel, Tlbi, TlbiOp, Transaction,
+};
 
 const RAM: u64 = 0x4000_0000;
 
@@ -80,6 +82,24 @@ proptest! {
             let _ = port.translate(t);
             let mut buf = [0u8; 32];
             let _ = smmu.dma_read(t.sid, t.ssid, addr, &mut buf, false);
+        }
+    }
+
+    /// The DVM port takes whatever a PE model or a script builds: any operation, VMID,
+    /// ASID, address and range operands (a range's SCALE is a full byte here, not the six
+    /// bits a command can encode).
+    #[test]
+    fn random_broadcasts_never_panic(ops in proptest::collection::vec(any::<(u8, u16, u16, u64, Option<(u8, u8, u8, u8)>)>(), 1..32)) {
+        let mem = Arc::new(SparseMem::with_range(RAM, 0x10_0000).unwrap());
+        let smmu = Smmu::new(SmmuConfig::default(), mem).unwrap();
+        smmu.mmio_write(off::CR2, 4, 0).unwrap();
+        for (op, vmid, asid, addr, range) in ops {
+            let op = TlbiOp::ALL[usize::from(op) % TlbiOp::ALL.len()];
+            let mut t = Tlbi::new(op, vmid).with_asid(asid).with_addr(addr);
+            if let Some((tg, num, scale, ttl)) = range {
+                t = t.with_range(TlbiRange { tg_shift: [12, 14, 16][usize::from(tg % 3)], num, scale, ttl });
+            }
+            smmu.broadcast(t);
         }
     }
 }

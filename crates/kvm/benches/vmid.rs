@@ -81,6 +81,21 @@ fn fast_path(c: &mut Criterion) {
             black_box(vmid)
         })
     });
+
+    // The same on a machine: the load also programs the PE (VTTBR VMID, stage 2) and
+    // checks last_vcpu_ran; the put restores the host context.
+    let mem = Arc::new(twinmmu_hw::SparseMem::with_range(0x4000_0000, 0x10_0000).unwrap());
+    let dvm = twinmmu_hw::Dvm::new(twinmmu_hw::DvmConfig::new(4), mem);
+    let kvm = Kvm::with_machine(KvmConfig::new(4), twinmmu_kvm::Machine::new(dvm)).unwrap();
+    let vm = kvm.create_vm(VmConfig::default());
+    let mut vcpu = vm.create_vcpu();
+    g.bench_function("vcpu_load_put_pe", |b| {
+        b.iter(|| {
+            let vmid = vcpu.load(0).map_or(0, |u| u.vmid.get());
+            vcpu.put().unwrap();
+            black_box(vmid)
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("fastpath_2cpus");
@@ -196,6 +211,12 @@ fn main() {
         .ratio(
             "vCPU load+put / floor",
             "fastpath/vcpu_load_put",
+            "fastpath/floor",
+            None,
+        )
+        .ratio(
+            "vCPU load+put programming a PE / floor",
+            "fastpath/vcpu_load_put_pe",
             "fastpath/floor",
             None,
         );
