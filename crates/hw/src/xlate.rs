@@ -694,12 +694,11 @@ impl Smmu {
     }
 
     /// The hit path: the stream's hit context, one main-TLB probe (per block size present,
-    /// and the global twin), the permission check. `None` sends the transaction down the
-    /// slow path, which decides everything else (faults included) from scratch.
+    /// and the global twin), the permission check. An `Err` sends the transaction down the
+    /// slow path, which decides everything else (faults included) from scratch:
+    /// `Err(true)` when the array holds no entry for it, `Err(false)` when one denies the
+    /// access.
     #[inline]
-    /// `Err(true)`: the array holds no entry for the transaction; `Err(false)`: one denies
-    /// the access.
-    #[allow(clippy::result_unit_err)]
     fn resolve_hit(
         &self,
         txn: &Transaction,
