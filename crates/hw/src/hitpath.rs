@@ -4,7 +4,9 @@
 //! - [`HitTlb`] is the main TLB's lookup array: an 8-way set-associative array of
 //!   seqlock-protected slots holding entries of the [`Tlb`](crate::tlb::Tlb) store (the
 //!   fully-associative store with CLOCK replacement and the invalidation indexes, which
-//!   stays the authority and serves every slow-path lookup). Slots are keyed by the id of
+//!   stays the authority; a slow-path lookup the array cannot answer goes to it). Slots
+//!   carry CLOCK reference bits, set by hits only when clear, which the store's CLOCK
+//!   consults. Slots are keyed by the id of
 //!   the store context the entry belongs to ([`Tlb::context_id`](crate::tlb::Tlb::context_id)):
 //!   when the store drops a context whole (by VMID, by ASID, everything), its id retires
 //!   and its slots can never match again, at no cost per entry; an entry the store drops
@@ -15,8 +17,13 @@
 //!   CD: the context ids of its TLB tag and of the tag's global twin, TBI, the incoming-
 //!   to-effective access map. Its slots carry the configuration generation they were
 //!   filled under; any CFGI or translation-relevant register write bumps the generation,
-//!   and a slot of an older one is a miss. A stale id (its context was dropped) only makes
-//!   the hit path miss; the slow path then refreshes the slot.
+//!   and a slot of an older one is a miss; so does every whole-context drop (a retired id
+//!   must not be named by a current context). An id that went stale otherwise (its
+//!   context emptied and was dropped) only makes the hit path miss; the slow path then
+//!   refreshes the slot.
+//! - [`IdCache`] gives slow-path lookups (stage 2 of table IPAs, say) the ids of recently
+//!   used contexts under the same generation, so they too probe the array before the
+//!   store's lock.
 //!
 //! Writers (inserts, removals, fills) hold the owner's writer lock; readers never lock. A
 //! reader may miss an entry being written (it then takes the slow path, which is always
