@@ -116,6 +116,7 @@ impl Smmu {
                 t.cd.remove(&(sid, ssid));
                 t.cfg_gen += 1;
                 drop(t);
+                self.config_changed();
                 self.bump_epoch();
             }
             Command::CfgiCdAll { sid } => {
@@ -123,85 +124,107 @@ impl Smmu {
                 t.cd.retain(|k, _| k.0 != sid);
                 t.cfg_gen += 1;
                 drop(t);
+                self.config_changed();
                 self.bump_epoch();
             }
-            Command::TlbiNhAll { vmid } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::S1_KINDS,
-                vmid: Some(self.cmd_vmid(vmid)),
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: None,
-            }),
-            Command::TlbiNhAsid { vmid, asid } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::S1_KINDS,
-                vmid: Some(self.cmd_vmid(vmid)),
-                asid: AsidMatch::NonGlobal(asid),
-                skip_aset: false,
-                range: None,
-            }),
-            Command::TlbiNhVa { vmid, asid, addr } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::S1_KINDS,
-                vmid: Some(self.cmd_vmid(vmid)),
-                asid: AsidMatch::AsidOrGlobal(asid),
-                skip_aset: false,
-                range: Some(addr.span()),
-            }),
-            Command::TlbiNhVaa { vmid, addr } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::S1_KINDS,
-                vmid: Some(self.cmd_vmid(vmid)),
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: Some(addr.span()),
-            }),
-            Command::TlbiEl2All => self.invalidate(InvScope {
-                worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
-                kinds: InvScope::ALL_KINDS,
-                vmid: None,
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: None,
-            }),
-            Command::TlbiEl2Asid { asid } => self.invalidate(InvScope {
-                worlds: InvScope::world_bit(World::El2E2h),
-                kinds: InvScope::ALL_KINDS,
-                vmid: Some(0),
-                asid: AsidMatch::NonGlobal(asid),
-                skip_aset: false,
-                range: None,
-            }),
+            Command::TlbiNhAll { vmid } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::S1_KINDS,
+                    vmid: Some(self.cmd_vmid(vmid)),
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: None,
+                });
+            }
+            Command::TlbiNhAsid { vmid, asid } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::S1_KINDS,
+                    vmid: Some(self.cmd_vmid(vmid)),
+                    asid: AsidMatch::NonGlobal(asid),
+                    skip_aset: false,
+                    range: None,
+                });
+            }
+            Command::TlbiNhVa { vmid, asid, addr } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::S1_KINDS,
+                    vmid: Some(self.cmd_vmid(vmid)),
+                    asid: AsidMatch::AsidOrGlobal(asid),
+                    skip_aset: false,
+                    range: Some(addr.span()),
+                });
+            }
+            Command::TlbiNhVaa { vmid, addr } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::S1_KINDS,
+                    vmid: Some(self.cmd_vmid(vmid)),
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: Some(addr.span()),
+                });
+            }
+            // IHI0070 4.4.2.7: every EL2 entry, ASID-tagged (EL2-E2H) or not.
+            Command::TlbiEl2All => {
+                self.invalidate(InvScope {
+                    worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
+                    kinds: InvScope::ALL_KINDS,
+                    vmid: None,
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: None,
+                });
+            }
+            // IHI0070 4.4.2.10: non-global EL2-E2H entries of the ASID; EL2 entries have no
+            // ASID and are not required to be touched.
+            Command::TlbiEl2Asid { asid } => {
+                self.invalidate(InvScope {
+                    worlds: InvScope::world_bit(World::El2E2h),
+                    kinds: InvScope::ALL_KINDS,
+                    vmid: None,
+                    asid: AsidMatch::NonGlobal(asid),
+                    skip_aset: false,
+                    range: None,
+                });
+            }
             Command::TlbiEl2Va { asid, addr } => self.el2_va(Some(asid), addr),
             Command::TlbiEl2Vaa { addr } => self.el2_va(None, addr),
-            Command::TlbiS12Vmall { vmid } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::ALL_KINDS,
-                vmid: Some(vmid),
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: None,
-            }),
+            Command::TlbiS12Vmall { vmid } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::ALL_KINDS,
+                    vmid: Some(vmid),
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: None,
+                });
+            }
             // Stage-2-only entries covering the IPA; combined nested entries need not be
             // removed (IHI0070 4.4.3.1), and are not: software follows with NH_ALL or
             // S12_VMALL, as on a PE.
-            Command::TlbiS2Ipa { vmid, addr } => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::kind_bit(Kind::S2),
-                vmid: Some(vmid),
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: Some(addr.span()),
-            }),
-            Command::TlbiNsnhAll => self.invalidate(InvScope {
-                worlds: NS,
-                kinds: InvScope::ALL_KINDS,
-                vmid: None,
-                asid: AsidMatch::Any,
-                skip_aset: false,
-                range: None,
-            }),
+            Command::TlbiS2Ipa { vmid, addr } => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::kind_bit(Kind::S2),
+                    vmid: Some(vmid),
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: Some(addr.span()),
+                });
+            }
+            Command::TlbiNsnhAll => {
+                self.invalidate(InvScope {
+                    worlds: NS,
+                    kinds: InvScope::ALL_KINDS,
+                    vmid: None,
+                    asid: AsidMatch::Any,
+                    skip_aset: false,
+                    range: None,
+                });
+            }
             Command::AtcInv {
                 sid,
                 ssid,
@@ -266,7 +289,8 @@ impl Smmu {
     }
 
     fn el2_va(&self, asid: Option<u16>, addr: TlbiAddr) {
-        // CR2.E2H selects the EL2-E2H world (ASID-matched) or EL2 (ASID ignored).
+        // IHI0070 4.4.2.8/9: CR2.E2H selects the EL2-E2H world (ASID matched, or global) or
+        // the EL2 world (ASID ignored); neither has a VMID.
         let e2h = self.tcu.read().live.cr2.e2h();
         let (world, m) = if e2h {
             (
@@ -279,7 +303,7 @@ impl Smmu {
         self.invalidate(InvScope {
             worlds: InvScope::world_bit(world),
             kinds: InvScope::ALL_KINDS,
-            vmid: Some(0),
+            vmid: None,
             asid: m,
             skip_aset: false,
             range: Some(addr.span()),
@@ -293,6 +317,7 @@ impl Smmu {
         t.cd.retain(|k, _| !sel(k.0));
         t.cfg_gen += 1;
         drop(t);
+        self.config_changed();
         self.bump_epoch();
     }
 
@@ -301,12 +326,25 @@ impl Smmu {
         self.invalidate_counted(scope);
     }
 
-    /// [`Smmu::invalidate`], returning how many entries it removed.
+    /// [`Smmu::invalidate`], returning how many entries it removed: from the store, then
+    /// from the lookup array.
     pub(crate) fn invalidate_counted(&self, scope: InvScope) -> usize {
         let removed = {
-            let mut t = self.tlb.write();
+            let mut t = self.tlb.lock();
+            let drops = t.whole_context_drops();
             let n = t.invalidate(&scope);
+            // Entries removed one by one leave the lookup array; a context removed whole
+            // retired its id, so its array slots are dead once no hit context names it.
+            for (e, id) in t.drain_removed() {
+                self.hit.remove(id, &e);
+            }
             self.tlb_gen.fetch_add(1, Ordering::AcqRel);
+            if t.whole_context_drops() != drops {
+                // Hit contexts and the id cache may name a retired id: a new generation,
+                // bumped under the store lock, makes them all stale (each stream takes the
+                // slow path once, which refreshes its ids).
+                self.config_changed();
+            }
             n
         };
         self.bump_epoch();

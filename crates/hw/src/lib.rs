@@ -27,6 +27,7 @@ pub mod cmd;
 pub mod cmdq;
 pub mod dvm;
 pub mod event;
+mod hitpath;
 pub mod interconnect;
 pub mod pe;
 pub mod port;

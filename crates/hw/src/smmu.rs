@@ -112,21 +112,30 @@ pub(crate) struct Counter {
 
 const SHARDS: usize = 16;
 
+#[inline]
 fn shard() -> (usize, bool) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    // A const-initialised thread-local (no lazy-initialisation state on each access):
+    // the thread's ordinal + 1, 0 until the first count.
     thread_local! {
-        static SHARD: (usize, bool) = {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed) as usize;
-            (n % SHARDS, n < SHARDS)
-        };
+        static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
-    SHARD.with(|s| *s)
+    let mut n = SHARD.get();
+    if n == 0 {
+        n = NEXT.fetch_add(1, Ordering::Relaxed) as usize + 1;
+        SHARD.set(n);
+    }
+    ((n - 1) % SHARDS, n - 1 < SHARDS)
 }
 
 impl Counter {
     #[inline]
     pub fn inc(&self) {
         let (i, owned) = shard();
+        self.inc_at(i, owned);
+    }
+    #[inline]
+    fn inc_at(&self, i: usize, owned: bool) {
         let a = &self.shards[i];
         if owned {
             a.store(a.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
@@ -143,6 +152,8 @@ impl Counter {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub translations: Counter,
+    /// Translations served by the hit path (each also a configuration and TLB hit).
+    pub fast_hits: Counter,
     pub tlb_hits: Counter,
     pub tlb_misses: Counter,
     pub cfg_hits: Counter,
@@ -165,6 +176,15 @@ pub(crate) struct Counters {
     pub pri_requests: Counter,
     /// Interrupts signalled: `[GERROR, EVENTQ, PRIQ, CMD_SYNC MSI, SEV]`.
     pub irqs: [Counter; 5],
+}
+
+impl Counters {
+    /// A translation served by the hit path: one counter, which [`Smmu::stats`] adds to
+    /// translations, configuration-cache hits and main-TLB hits.
+    #[inline]
+    pub fn count_hit(&self) {
+        self.fast_hits.inc();
+    }
 }
 
 #[inline]
@@ -280,7 +300,20 @@ pub struct Smmu {
     pub(crate) gerror: AtomicU32,
     pub(crate) gerrorn: AtomicU32,
     pub(crate) tcu: RwLock<Tcu>,
-    pub(crate) tlb: RwLock<Tlb>,
+    /// The main TLB's store (authority, CLOCK, invalidation indexes); writers and slow-path
+    /// lookups lock it.
+    pub(crate) tlb: Mutex<Tlb>,
+    /// The main TLB's lock-free lookup array over the store's entries (written under the
+    /// `tlb` lock).
+    pub(crate) hit: crate::hitpath::HitTlb,
+    /// Per-(SID, SSID) hit contexts (written under `ctx_fill`), valid for one `ctx_gen`.
+    pub(crate) ctxs: crate::hitpath::CtxCache,
+    /// Store ids of recently used TLB contexts (written under the `tlb` lock).
+    pub(crate) ids: crate::hitpath::IdCache,
+    pub(crate) ctx_fill: Mutex<()>,
+    /// Bumped (Release) by every CFGI and translation-relevant register write, before the
+    /// epoch: a hit context filled under an older generation is not used.
+    pub(crate) ctx_gen: AtomicU64,
     /// Bumped (Release) after every change that may make a cached translation stale.
     pub(crate) epoch: AtomicU64,
     /// Bumped under the TLB write lock by every invalidation; a walk that started under an
@@ -357,7 +390,16 @@ impl Smmu {
             ..Live::default()
         };
         Ok(Arc::new(Smmu {
-            tlb: RwLock::new(Tlb::new(cfg.tlb_capacity)),
+            tlb: Mutex::new({
+                let mut t = Tlb::new(cfg.tlb_capacity);
+                t.set_removal_log(true);
+                t
+            }),
+            hit: crate::hitpath::HitTlb::new(cfg.tlb_capacity),
+            ctxs: crate::hitpath::CtxCache::new(cfg.cfg_cache_capacity),
+            ids: crate::hitpath::IdCache::new(4096),
+            ctx_fill: Mutex::new(()),
+            ctx_gen: AtomicU64::new(0),
             cfg,
             mem,
             regs: Mutex::new(Regs {
@@ -399,10 +441,14 @@ impl Smmu {
     }
 
     /// Marks every cached translation possibly stale for the micro-TLBs.
+    /// A configuration change (CFGI, or a register translation depends on): hit contexts
+    /// filled before it are stale. Callers then bump the epoch.
+    pub(crate) fn config_changed(&self) {
+        self.ctx_gen.fetch_add(1, Ordering::Release);
+    }
+
     pub(crate) fn bump_epoch(&self) {
-        // Release: the cache updates made before this are visible to a translation that
-        // loads the new epoch with Acquire.
-        self.epoch.fetch_add(1, Ordering::Release);
+        crate::port::publish_epoch(&self.epoch);
     }
 
     // ---------------------------------------------------------------- MMIO
@@ -562,10 +608,18 @@ impl Smmu {
             off::CR1 => self.regs.lock().cr1 = v & 0xfff,
             off::CR2 => {
                 let mut r = self.regs.lock();
+                let old = r.cr2;
                 r.cr2 = v & 0x7;
                 // E2H needs IDR0.HYP.
                 if !self.cfg.hyp {
                     r.cr2 &= !1;
+                }
+                if (old ^ r.cr2) & 1 != 0 {
+                    // CDs of EL2 streams decode differently under E2H (IHI0070 3.17.5 lets
+                    // a configuration cache hold E2H; this one drops what depends on it).
+                    let mut t = self.tcu.write();
+                    t.cd.clear();
+                    t.cfg_gen += 1;
                 }
                 self.refresh_live(&r);
             }
@@ -583,8 +637,12 @@ impl Smmu {
             off::GERRORN => {
                 self.gerrorn.store(v & GERROR_MASK, Ordering::Release);
                 // Acknowledging CMDQ_ERR restarts command processing at CONS (IHI0070 7.1).
-                let mut r = self.regs.lock();
-                self.process_cmdq(&mut r);
+                {
+                    let mut r = self.regs.lock();
+                    self.process_cmdq(&mut r);
+                }
+                // Acknowledging EVENTQ_ABT_ERR makes the event queue writable again.
+                self.retry_unrecorded_stalls();
             }
             off::GERROR_IRQ_CFG1 => self.irq.lock().cfg1[0] = v,
             off::GERROR_IRQ_CFG2 => self.irq.lock().cfg2[0] = v & 0x3f,
@@ -623,9 +681,13 @@ impl Smmu {
                 }
             }
             off::EVENTQ_CONS => {
-                let mut q = self.evtq.lock();
-                let log2 = qlog2(q.base, self.cfg.eventqs);
-                q.cons = (v & QPtr { log2 }.mask()) | (v & (1 << 31));
+                {
+                    let mut q = self.evtq.lock();
+                    let log2 = qlog2(q.base, self.cfg.eventqs);
+                    q.cons = (v & QPtr { log2 }.mask()) | (v & (1 << 31));
+                }
+                // Space freed: stalls waiting for a record slot retry (IHI0070 7.2.1).
+                self.retry_unrecorded_stalls();
             }
             off::EVENTQ_IRQ_CFG1 => self.irq.lock().cfg1[1] = v,
             off::EVENTQ_IRQ_CFG2 => self.irq.lock().cfg2[1] = v & 0x3f,
@@ -649,6 +711,12 @@ impl Smmu {
     }
 
     fn write_cr0(&self, v: u32) {
+        self.write_cr0_locked(v);
+        // EVENTQEN may have made the event queue writable (IHI0070 7.2.1).
+        self.retry_unrecorded_stalls();
+    }
+
+    fn write_cr0_locked(&self, v: u32) {
         let mut r = self.regs.lock();
         let mut new = Cr0::from_bits(v & CR0_MASK);
         if !self.cfg.pri {
@@ -686,6 +754,7 @@ impl Smmu {
                 strtab_cfg: StrtabBaseCfg::from_bits(r.strtab_base_cfg),
             };
         }
+        self.config_changed();
         self.bump_epoch();
     }
 
@@ -786,6 +855,16 @@ impl Smmu {
         true
     }
 
+    /// Writes the record of a stalling fault if the queue is writable. A full queue does
+    /// not lose it (no overflow: the transaction waits, IHI0070 7.2.1); an abort while
+    /// writing does (7.2.2). Returns whether the record was written.
+    pub(crate) fn record_stall_event(&self, e: &Event) -> bool {
+        if !self.eventq_writable() {
+            return false;
+        }
+        self.record_event(e)
+    }
+
     /// Whether a record could be written now (stall decisions need it).
     pub(crate) fn eventq_writable(&self) -> bool {
         let q = self.evtq.lock();
@@ -870,7 +949,7 @@ impl Smmu {
         let c = &self.counters;
         let g = |a: &Counter| a.get();
         let (tlb_entries, tc) = {
-            let t = self.tlb.read();
+            let t = self.tlb.lock();
             (t.len() as u64, t.counters())
         };
         let utlb_hits = self
@@ -885,11 +964,11 @@ impl Smmu {
             desc_reads[i / 4][i % 4] = g(r);
         }
         SmmuStats {
-            translations: g(&c.translations),
-            tlb_hits: g(&c.tlb_hits),
+            translations: g(&c.translations) + g(&c.fast_hits),
+            tlb_hits: g(&c.tlb_hits) + g(&c.fast_hits),
             tlb_misses: g(&c.tlb_misses),
             utlb_hits,
-            cfg_hits: g(&c.cfg_hits),
+            cfg_hits: g(&c.cfg_hits) + g(&c.fast_hits),
             cfg_misses: g(&c.cfg_misses),
             walks_s1: g(&c.walks_s1),
             walks_s2: g(&c.walks_s2),
@@ -921,7 +1000,7 @@ impl Smmu {
 
     /// Every entry of the main TLB (tests and the oracle).
     pub fn tlb_entries(&self) -> Vec<crate::tlb::TlbEntry> {
-        self.tlb.read().entries()
+        self.tlb.lock().entries()
     }
 }
 

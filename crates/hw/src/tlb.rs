@@ -80,13 +80,24 @@ impl Ctx {
             _ => World::El2E2h,
         }
     }
+    pub(crate) fn raw(self) -> u64 {
+        self.0
+    }
     /// The same context with the global tag (no ASID).
     pub fn global(self) -> Ctx {
         Ctx((self.0 & !0xffff) | (1 << 32))
     }
+    /// The key of the VMID index. EL2 regimes have no VMID (IHI0070 3.17): their contexts
+    /// are indexed under VMID 0 whatever the tag says, so an EL2 invalidation finds them
+    /// without naming a VMID.
     fn vmid_key(self) -> u32 {
-        u32::from(self.vmid()) | ((self.world() as u32) << 16)
+        vmid_key(self.world(), self.vmid())
     }
+}
+
+fn vmid_key(world: World, vmid: u16) -> u32 {
+    let v = if world == World::NsEl1 { vmid } else { 0 };
+    u32::from(v) | ((world as u32) << 16)
 }
 
 /// Permissions and levels of an entry: what a hit needs to re-check the access and, on a
@@ -132,11 +143,15 @@ impl TlbEntry {
 struct Slot {
     entry: TlbEntry,
     referenced: AtomicBool,
+    /// The id of the context incarnation holding it.
+    ctx_id: u64,
 }
 
 /// The entries of one context: a hash map for lookups (key: input page at a size), a
 /// VA-ordered map for ranges, and the block sizes present.
 struct CtxTlb {
+    /// This incarnation of the context (see [`Tlb::context_id`]).
+    id: u64,
     map: HashMap<u64, u32, FxBuildHasher>,
     /// (in_base | shift) → slot; in_base is at least 4 KiB aligned, so the low 6 bits are
     /// free for the size.
@@ -149,6 +164,7 @@ struct CtxTlb {
 impl Default for CtxTlb {
     fn default() -> Self {
         CtxTlb {
+            id: 0,
             map: HashMap::default(),
             by_addr: BTreeMap::new(),
             size_count: [0; 64],
@@ -170,6 +186,14 @@ impl CtxTlb {
             }
         }
         None
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.by_addr.clear();
+        self.size_count = [0; 64];
+        self.sizes = 0;
+        self.max_shift = 0;
     }
 
     fn remove(&mut self, e: &TlbEntry) {
@@ -222,7 +246,9 @@ impl InvScope {
     fn matches_ctx(&self, c: Ctx) -> bool {
         self.worlds & Self::world_bit(c.world()) != 0
             && self.kinds & Self::kind_bit(c.kind()) != 0
-            && self.vmid.is_none_or(|v| v == c.vmid())
+            // EL2 and EL2-E2H entries carry no VMID (IHI0070 3.17): the scope's VMID, if
+            // any, does not restrict them.
+            && (c.world() != World::NsEl1 || self.vmid.is_none_or(|v| v == c.vmid()))
             && !(self.skip_aset && c.aset())
             && match self.asid {
                 AsidMatch::Any => true,
@@ -259,6 +285,15 @@ pub struct Tlb {
     /// the background.
     graveyard: Vec<CtxTlb>,
     counters: TlbCounters,
+    /// When on, every entry that leaves the TLB (eviction, invalidation, replacement) is
+    /// recorded here, so an owner keeping a lookup index over the entries (the SMMU's
+    /// lock-free hit array) can drop them too.
+    removed_log: Vec<(TlbEntry, u64)>,
+    log_removals: bool,
+    /// The id the next context created gets (ids are never reused).
+    next_id: u64,
+    /// Non-empty contexts removed whole so far.
+    whole_drops: u64,
 }
 
 fn page_key(addr: u64, shift: u8) -> u64 {
@@ -279,6 +314,44 @@ impl Tlb {
             globals: 0,
             graveyard: Vec::new(),
             counters: TlbCounters::default(),
+            removed_log: Vec::new(),
+            log_removals: false,
+            next_id: 1,
+            whole_drops: 0,
+        }
+    }
+
+    /// Turns the removal log on or off (off by default; see [`Tlb::drain_removed`]).
+    pub fn set_removal_log(&mut self, on: bool) {
+        self.log_removals = on;
+        self.removed_log.clear();
+    }
+
+    /// The entries removed one by one (evicted, replaced, invalidated by address) since the
+    /// last drain, with the id of their context, when the removal log is on. A context
+    /// removed whole (by VMID, by ASID, everything) is not logged entry by entry: its id
+    /// retires with it, and no later context gets that id.
+    pub fn drain_removed(&mut self) -> std::vec::Drain<'_, (TlbEntry, u64)> {
+        self.removed_log.drain(..)
+    }
+
+    /// The id of the current incarnation of `ctx`, if it holds entries: a context created
+    /// after one was removed whole gets a new id. Owners of a lookup index keyed by id
+    /// (the SMMU's hit array) drop a whole context in O(1) this way.
+    pub fn context_id(&self, ctx: Ctx) -> Option<u64> {
+        self.ctxs.get(&ctx).map(|c| c.id)
+    }
+
+    /// How many non-empty contexts have been removed whole (their ids retired) so far;
+    /// [`Tlb::clear`] counts as one.
+    pub fn whole_context_drops(&self) -> u64 {
+        self.whole_drops
+    }
+
+    fn log_removed(&mut self, e: TlbEntry) {
+        if self.log_removals {
+            let id = self.ctxs.get(&e.ctx).map_or(0, |c| c.id);
+            self.removed_log.push((e, id));
         }
     }
 
@@ -325,21 +398,45 @@ impl Tlb {
 
     /// Inserts (or replaces) an entry, evicting one entry if the TLB is full.
     pub fn insert(&mut self, e: TlbEntry) {
+        self.insert_reporting(e);
+    }
+
+    /// [`Tlb::insert`], telling whether `e` replaced an entry of the same context, base and
+    /// size (otherwise it is new to the TLB).
+    pub fn insert_reporting(&mut self, e: TlbEntry) -> bool {
+        self.insert_reporting_with(e, |_, _| false)
+    }
+
+    /// [`Tlb::insert_reporting`] for an owner that serves hits from its own index of the
+    /// entries (the SMMU's hit array): CLOCK asks `used_elsewhere(entry, context id)`
+    /// whether an entry was referenced there since the hand last passed (and the owner
+    /// clears its bit), so entries hit only through the index get their second chance.
+    pub fn insert_reporting_with(
+        &mut self,
+        e: TlbEntry,
+        mut used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
+    ) -> bool {
         let key = page_key(e.in_base, e.shift);
         if let Some(c) = self.ctxs.get(&e.ctx)
             && let Some(&i) = c.map.get(&key)
             && let Some(Some(slot)) = self.slots.get_mut(i as usize)
         {
-            slot.entry = e;
-            return;
+            let old = std::mem::replace(&mut slot.entry, e);
+            self.log_removed(old);
+            return true;
         }
         if self.len >= self.capacity {
-            self.evict_one();
+            self.evict_one(&mut used_elsewhere);
         }
-        drop(self.graveyard.pop());
+        // Release the memory of one unlinked context per insert, beyond a few kept for
+        // reuse.
+        if self.graveyard.len() > 8 {
+            drop(self.graveyard.pop());
+        }
         let slot = Slot {
             entry: e,
             referenced: AtomicBool::new(false),
+            ctx_id: 0,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -352,12 +449,25 @@ impl Tlb {
             }
         };
         let mut created = false;
+        let graveyard = &mut self.graveyard;
+        let next_id = &mut self.next_id;
         let c = self.ctxs.entry(e.ctx).or_insert_with(|| {
             created = true;
-            CtxTlb::default()
+            // A new context reuses the indexes of an unlinked one (cleared, capacity kept)
+            // rather than growing fresh ones.
+            let mut c = graveyard.pop().map_or_else(CtxTlb::default, |mut c| {
+                c.clear();
+                c
+            });
+            c.id = *next_id;
+            *next_id += 1;
+            c
         });
         c.map.insert(key, i);
         c.by_addr.insert(e.in_base | u64::from(e.shift), i);
+        if let Some(Some(sl)) = self.slots.get_mut(i as usize) {
+            sl.ctx_id = c.id;
+        }
         let s = usize::from(e.shift & 63);
         c.size_count[s] += 1;
         c.sizes |= 1 << s;
@@ -374,6 +484,7 @@ impl Tlb {
         }
         self.len += 1;
         self.counters.inserts += 1;
+        false
     }
 
     /// Empty contexts are kept (so a context that empties and refills does not churn its
@@ -392,7 +503,7 @@ impl Tlb {
     }
 
     /// CLOCK: sweep from the hand, giving referenced entries a second chance.
-    fn evict_one(&mut self) {
+    fn evict_one(&mut self, used_elsewhere: &mut impl FnMut(&TlbEntry, u64) -> bool) {
         let n = self.slots.len();
         if n == 0 {
             return;
@@ -401,7 +512,9 @@ impl Tlb {
             let i = self.hand % n;
             self.hand = (i + 1) % n;
             if let Some(slot) = &self.slots[i] {
-                if slot.referenced.swap(false, Ordering::Relaxed) {
+                // Both reference bits are consumed: this one and the owner's.
+                let mine = slot.referenced.swap(false, Ordering::Relaxed);
+                if used_elsewhere(&slot.entry, slot.ctx_id) | mine {
                     continue;
                 }
                 self.remove_slot(i as u32);
@@ -414,6 +527,7 @@ impl Tlb {
     fn remove_slot(&mut self, i: u32) -> Option<TlbEntry> {
         let slot = self.slots.get_mut(i as usize)?.take()?;
         let e = slot.entry;
+        self.log_removed(e);
         if let Some(c) = self.ctxs.get_mut(&e.ctx) {
             c.remove(&e);
         }
@@ -438,6 +552,9 @@ impl Tlb {
             }
         }
         let n = t.map.len();
+        if n > 0 {
+            self.whole_drops += 1;
+        }
         for &i in t.map.values() {
             if let Some(s) = self.slots.get_mut(i as usize) {
                 *s = None;
@@ -457,26 +574,27 @@ impl Tlb {
     /// a range, those in the range).
     pub fn invalidate(&mut self, scope: &InvScope) -> usize {
         self.counters.invalidations += 1;
-        let ctxs: Vec<Ctx> = match scope.vmid {
-            Some(v) => {
-                let mut out = Vec::new();
-                for w in [World::NsEl1, World::El2, World::El2E2h] {
-                    if scope.worlds & InvScope::world_bit(w) == 0 {
-                        continue;
-                    }
-                    let key = u32::from(v) | ((w as u32) << 16);
-                    if let Some(set) = self.by_vmid.get(&key) {
-                        out.extend(set.iter().copied().filter(|c| scope.matches_ctx(*c)));
-                    }
+        let ns = scope.worlds & InvScope::world_bit(World::NsEl1) != 0;
+        // The VMID index serves every scope but an NS-EL1 one naming no VMID: EL2 contexts
+        // are all indexed under VMID 0.
+        let ctxs: Vec<Ctx> = if !ns || scope.vmid.is_some() {
+            let mut out = Vec::new();
+            for w in [World::NsEl1, World::El2, World::El2E2h] {
+                if scope.worlds & InvScope::world_bit(w) == 0 {
+                    continue;
                 }
-                out
+                let key = vmid_key(w, scope.vmid.unwrap_or(0));
+                if let Some(set) = self.by_vmid.get(&key) {
+                    out.extend(set.iter().copied().filter(|c| scope.matches_ctx(*c)));
+                }
             }
-            None => self
-                .ctxs
+            out
+        } else {
+            self.ctxs
                 .keys()
                 .copied()
                 .filter(|c| scope.matches_ctx(*c))
-                .collect(),
+                .collect()
         };
         let mut removed = 0usize;
         for c in ctxs {
@@ -516,6 +634,7 @@ impl Tlb {
     /// Removes everything.
     pub fn clear(&mut self) -> usize {
         let n = self.len;
+        self.whole_drops += 1;
         self.ctxs.clear();
         self.slots.clear();
         self.free.clear();
@@ -713,25 +832,105 @@ mod tests {
         );
     }
 
+    #[test]
+    fn context_ids_retire_with_whole_drops_and_the_log_names_them() {
+        let mut t = Tlb::new(4);
+        t.set_removal_log(true);
+        let a = ctx(1, Some(1));
+        t.insert(entry(a, 0x1000, 12));
+        t.insert(entry(a, 0x2000, 12));
+        let id = t.context_id(a).unwrap();
+        // Removal by address: logged one by one, with the context's id.
+        let one = InvScope {
+            worlds: 1,
+            kinds: InvScope::ALL_KINDS,
+            vmid: Some(1),
+            asid: AsidMatch::Any,
+            skip_aset: false,
+            range: Some((0x1000, 0x2000)),
+        };
+        assert_eq!(t.invalidate(&one), 1);
+        let log: Vec<_> = t.drain_removed().collect();
+        assert_eq!(log, vec![(entry(a, 0x1000, 12), id)]);
+        assert_eq!(t.whole_context_drops(), 0);
+        // Removal by VMID: the context goes whole, unlogged, its id retired.
+        assert_eq!(t.invalidate(&InvScope { range: None, ..one }), 1);
+        assert_eq!(t.drain_removed().count(), 0);
+        assert_eq!(t.whole_context_drops(), 1);
+        assert_eq!(t.context_id(a), None);
+        t.insert(entry(a, 0x1000, 12));
+        assert!(t.context_id(a).unwrap() > id, "ids are never reused");
+        // Eviction and replacement are logged.
+        for p in 2..6u64 {
+            t.insert(entry(a, p << 12, 12));
+        }
+        assert_eq!(t.drain_removed().count(), 1, "one eviction at capacity 4");
+        let mut e = entry(a, 0x5000, 12);
+        e.out_base += 0x1000;
+        t.insert(e);
+        assert_eq!(
+            t.drain_removed()
+                .map(|(x, _)| x.in_base)
+                .collect::<Vec<_>>(),
+            [0x5000]
+        );
+    }
+
+    #[test]
+    fn el2_scopes_ignore_vmids() {
+        let mut t = Tlb::new(16);
+        // Tagged with a VMID by a careless caller: EL2 regimes have none (IHI0070 3.17).
+        t.insert(entry(
+            Ctx::new(World::El2, Kind::S1, 9, None, false),
+            0x1000,
+            12,
+        ));
+        t.insert(entry(
+            Ctx::new(World::El2E2h, Kind::S1, 0, Some(4), false),
+            0x1000,
+            12,
+        ));
+        t.insert(entry(ctx(9, None), 0x1000, 12));
+        let el2 = InvScope {
+            worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
+            kinds: InvScope::ALL_KINDS,
+            vmid: Some(3),
+            asid: AsidMatch::Any,
+            skip_aset: false,
+            range: None,
+        };
+        assert_eq!(t.invalidate(&el2), 2);
+        assert_eq!(t.len(), 1, "the NS-EL1 entry of VMID 9 stays");
+        t.insert(entry(
+            Ctx::new(World::El2, Kind::S1, 0, None, false),
+            0x1000,
+            12,
+        ));
+        assert_eq!(t.invalidate(&InvScope { vmid: None, ..el2 }), 1);
+        assert_eq!(t.entries()[0].ctx.world(), World::NsEl1);
+    }
+
     proptest! {
         /// The indexed invalidation removes exactly what a full scan removes.
         #[test]
         fn indexed_invalidation_equals_scan(
-            ops in proptest::collection::vec((0u16..3, proptest::option::of(0u16..3), 0u64..64, prop_oneof![Just(12u8), Just(16u8), Just(21u8)]), 1..120),
+            ops in proptest::collection::vec((0u16..3, proptest::option::of(0u16..3), 0u64..64, prop_oneof![Just(12u8), Just(16u8), Just(21u8)], 0u8..3), 1..120),
             vmid in proptest::option::of(0u16..3),
+            worlds in 1u8..8,
             asid in 0u16..3,
             mode in 0u8..3,
             range in proptest::option::of((0u64..(64 << 13), 1u64..(16 << 13))),
         ) {
             let mut a = Tlb::new(64);
             let mut b = Tlb::new(64);
-            for (v, s, p, shift) in ops {
-                let e = entry(ctx(v, s), p << 13, shift);
+            for (v, s, p, shift, w) in ops {
+                let world = [World::NsEl1, World::El2, World::El2E2h][usize::from(w)];
+                let e = entry(Ctx::new(world, Kind::S1, v, s, false), p << 13, shift);
                 a.insert(e);
                 b.insert(e);
             }
             let scope = InvScope {
-                worlds: 1,
+                worlds,
                 kinds: InvScope::ALL_KINDS,
                 vmid,
                 asid: match mode { 0 => AsidMatch::Any, 1 => AsidMatch::NonGlobal(asid), _ => AsidMatch::AsidOrGlobal(asid) },

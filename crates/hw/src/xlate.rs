@@ -11,10 +11,12 @@
 //! remained to do (translate only, read N bytes, write these bytes). CMD_RESUME with retry
 //! re-runs it from the start, as though it had just arrived (IHI0070 4.7.1), and stores the
 //! result; CMD_RESUME with terminate, CMD_STALL_TERM and SMMUEN → 0 store a termination.
-//! The device collects the result with [`Smmu::stall_result`]. A fault that would stall
-//! while the event queue cannot take its record (disabled, full, or after an abort) is
-//! terminated instead of held until the queue becomes writable (IHI0070 7.2.1 lets it wait;
-//! this model does not), and at most IDR5.STALL_MAX transactions stall at once.
+//! The device collects the result with [`Smmu::stall_result`]. A fault that stalls while
+//! the event queue cannot take its record (disabled, full, or after an abort) stays stalled
+//! without a record (a full queue does not overflow for it) and is retried as though it had
+//! just arrived when the queue becomes writable again: a CONS write, EVENTQEN set, or
+//! EVENTQ_ABT_ERR acknowledged (IHI0070 3.12.2, 7.2.1). At most IDR5.STALL_MAX transactions
+//! stall at once; beyond that a stalling fault terminates.
 
 use std::sync::atomic::Ordering;
 
@@ -22,12 +24,13 @@ use hashbrown::HashMap;
 use rustc_hash::FxBuildHasher;
 use twinmmu_vmsa::{
     Access, AccessKind, FaultKind, S1Perms, S2Perms, Stage, WalkError, check_s1, check_s2,
-    select_ttb, walk_stage1, walk_stage2,
+    walk_stage1, walk_stage2_with,
 };
 
 use crate::cd::{ContextDescriptor, L1Cd, decode_cd};
 use crate::config::StallModel;
 use crate::event::{Event, EventType, FaultClass};
+use crate::hitpath::HitCtx;
 use crate::mem::WalkMem;
 use crate::regs::StrtabBase;
 use crate::smmu::{Live, Smmu, inc};
@@ -133,6 +136,10 @@ pub(crate) struct Stalled {
     pub op: PendingOp,
     /// The fault that stalled it (reported again if it is terminated).
     pub event: EventType,
+    /// Its record reached the event queue. An unrecorded stall waits for the queue to
+    /// become writable and is then retried (IHI0070 7.2.1); software has not seen its
+    /// STAG, so CMD_RESUME does not reach it.
+    pub recorded: bool,
 }
 
 /// Stalled transactions by (StreamID, STAG), and finished ones waiting for the device.
@@ -216,7 +223,7 @@ pub(crate) fn access_bit(kind: AccessKind, privileged: bool) -> u8 {
 
 /// The access after the STE's PRIVCFG/INSTCFG overrides (IHI0070 13.1). Writes are never
 /// instruction accesses.
-fn effective(
+pub(crate) fn effective(
     kind: AccessKind,
     privileged: bool,
     privcfg: AttrOverride,
@@ -236,7 +243,7 @@ fn effective(
     Access::new(k, p)
 }
 
-fn perms_allow(p: &EntryPerms, a: Access) -> Result<(), Stage> {
+pub(crate) fn perms_allow(p: &EntryPerms, a: Access) -> Result<(), Stage> {
     if let Some((s1, ctl, _)) = p.s1
         && check_s1(s1, a, ctl).is_err()
     {
@@ -296,11 +303,18 @@ struct S1Sel {
 impl Smmu {
     /// Presents one transaction and translates it without moving data (the `dma` command of
     /// `twinmmu qtest`, and ATS-style translation).
+    #[inline]
     pub fn translate(&self, txn: Transaction) -> Outcome {
         match self.resolve(&txn, false) {
             Ok(r) => Outcome::Translated { pa: r.pa },
-            Err(f) => self.fail(&txn, f, PendingOp::Translate),
+            Err(f) => self.fail_translate(&txn, f),
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn fail_translate(&self, txn: &Transaction, f: Fail) -> Outcome {
+        self.fail(txn, f, PendingOp::Translate)
     }
 
     /// Reads `buf.len()` bytes at IOVA `iova` as a data read of `sid`/`ssid`.
@@ -422,6 +436,12 @@ impl Smmu {
 
     /// Applies the recording, stall and termination rules to a failed translation.
     pub(crate) fn fail(&self, txn: &Transaction, f: Fail, op: PendingOp) -> Outcome {
+        self.fail_as(txn, f, op, None)
+    }
+
+    /// [`Smmu::fail`] for a transaction that already holds `stag` (a stalled one being
+    /// retried once the event queue became writable).
+    fn fail_as(&self, txn: &Transaction, f: Fail, op: PendingOp, stag: Option<u16>) -> Outcome {
         let x = match f {
             Fail::Silent => {
                 inc(&self.counters.aborts);
@@ -450,34 +470,42 @@ impl Smmu {
             fetch_addr: x.fetch_addr,
         };
         let stall = x.may_stall && !matches!(self.cfg.stall_model, StallModel::TerminateOnly);
-        if stall && self.eventq_writable() {
+        if stall {
             let mut st = self.stalls.lock();
             // STALL_MAX transactions at most (IDR5); beyond that, terminate.
-            if st.pending.len() < usize::from(self.cfg.idr5().stall_max()) {
-                let mut stag = st.next;
-                while st.pending.contains_key(&(txn.sid, stag))
-                    || st.done.contains_key(&(txn.sid, stag))
-                {
-                    stag = stag.wrapping_add(1);
-                }
-                st.next = stag.wrapping_add(1);
+            if stag.is_some() || st.pending.len() < usize::from(self.cfg.idr5().stall_max()) {
+                let stag = stag.unwrap_or_else(|| {
+                    let mut stag = st.next;
+                    while st.pending.contains_key(&(txn.sid, stag))
+                        || st.done.contains_key(&(txn.sid, stag))
+                    {
+                        stag = stag.wrapping_add(1);
+                    }
+                    st.next = stag.wrapping_add(1);
+                    stag
+                });
                 ev.stall = Some(stag);
-                if self.record_event(&ev) {
-                    st.pending.insert(
-                        (txn.sid, stag),
-                        Stalled {
-                            txn: *txn,
-                            op,
-                            event: x.event,
-                        },
-                    );
-                    inc(&self.counters.stalls);
-                    return Outcome::Stalled {
-                        stag,
+                // IHI0070 3.12.2, 7.2.1: the record of a stall is never discarded. If the
+                // queue is not writable (disabled, full, or after an abort) the transaction
+                // stays stalled without a record, and is retried as though it had just
+                // arrived once the queue is writable again.
+                let recorded = self.record_stall_event(&ev);
+                st.pending.insert(
+                    (txn.sid, stag),
+                    Stalled {
+                        txn: *txn,
+                        op,
                         event: x.event,
-                    };
+                        recorded,
+                    },
+                );
+                if recorded {
+                    inc(&self.counters.stalls);
                 }
-                ev.stall = None;
+                return Outcome::Stalled {
+                    stag,
+                    event: x.event,
+                };
             }
         }
         let recorded = (x.record || stall) && self.record_event(&ev);
@@ -503,8 +531,16 @@ impl Smmu {
 
     /// Re-runs a stalled transaction (CMD_RESUME retry) or terminates it.
     pub(crate) fn resume(&self, sid: u32, stag: u16, retry: bool, abort: bool) {
-        let Some(s) = self.stalls.lock().pending.remove(&(sid, stag)) else {
-            // No such stalled transaction: no effect (IHI0070 4.7.1).
+        let s = {
+            let mut st = self.stalls.lock();
+            // No such stalled transaction, or one whose record software has not seen: no
+            // effect (IHI0070 4.7.1).
+            if !st.pending.get(&(sid, stag)).is_some_and(|s| s.recorded) {
+                return;
+            }
+            st.pending.remove(&(sid, stag))
+        };
+        let Some(s) = s else {
             return;
         };
         let result = if retry {
@@ -559,6 +595,58 @@ impl Smmu {
         }
     }
 
+    /// Retries the stalled transactions whose record could not be written, now that the
+    /// event queue may be writable (IHI0070 3.12.2, 7.2.1): each is handled as though it
+    /// had just arrived, keeping its STAG. It may translate (its result goes to the
+    /// device, and no record is written), stall again (its record is written now, or it
+    /// keeps waiting), or fault and terminate under the configuration in force.
+    pub(crate) fn retry_unrecorded_stalls(&self) {
+        let waiting: Vec<((u32, u16), Stalled)> = {
+            let mut st = self.stalls.lock();
+            let keys: Vec<(u32, u16)> = st
+                .pending
+                .iter()
+                .filter(|(_, s)| !s.recorded)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| st.pending.remove(&k).map(|s| (k, s)))
+                .collect()
+        };
+        for ((sid, stag), s) in waiting {
+            if !self.eventq_writable() {
+                // Still not writable: keep waiting (no retry).
+                self.stalls.lock().pending.insert((sid, stag), s);
+                continue;
+            }
+            let result = match self.resolve(&s.txn, false) {
+                Ok(_) => self.run_op(&s),
+                Err(f) => match self.fail_as(&s.txn, f, s.op.clone(), Some(stag)) {
+                    // Stalled again under the same STAG (recorded, or waiting again).
+                    Outcome::Stalled { .. } => continue,
+                    Outcome::Fault {
+                        event,
+                        recorded,
+                        termination,
+                    } => match (&s.op, termination) {
+                        (PendingOp::Read { len }, Termination::RazWi) => {
+                            StallResult::Read(vec![0; *len])
+                        }
+                        (PendingOp::Write { .. }, Termination::RazWi) => StallResult::Written,
+                        _ => StallResult::Failed(DmaError::Fault {
+                            event,
+                            recorded,
+                            termination,
+                        }),
+                    },
+                    Outcome::Abort => StallResult::Failed(DmaError::Abort),
+                    Outcome::Translated { pa } => StallResult::Translated(pa),
+                },
+            };
+            self.stalls.lock().done.insert((sid, stag), result);
+        }
+    }
+
     /// CMD_STALL_TERM: every stalled transaction of `sid` terminates with an abort.
     pub(crate) fn stall_term(&self, sid: u32) {
         let mut st = self.stalls.lock();
@@ -581,7 +669,119 @@ impl Smmu {
     // ------------------------------------------------------------------ the flow
 
     /// The translation flow; `Err` carries the fault before the recording rules.
+    #[inline]
     pub(crate) fn resolve(&self, txn: &Transaction, want_fill: bool) -> Result<Resolved, Fail> {
+        // Acquire pairs with the Release of `config_changed`: a context filled before the
+        // last configuration change carries an older generation and is not used.
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        let known = self.ctxs.lookup(txn.sid, txn.ssid, generation);
+        let mut array_missed = false;
+        if let Some(c) = &known {
+            match self.resolve_hit(txn, c, want_fill) {
+                Ok(r) => return Ok(r),
+                Err(m) => array_missed = m,
+            }
+        }
+        self.resolve_slow(
+            txn,
+            want_fill,
+            Slow {
+                generation,
+                known,
+                array_missed,
+            },
+        )
+    }
+
+    /// The hit path: the stream's hit context, one main-TLB probe (per block size present,
+    /// and the global twin), the permission check. An `Err` sends the transaction down the
+    /// slow path, which decides everything else (faults included) from scratch:
+    /// `Err(true)` when the array holds no entry for it, `Err(false)` when one denies the
+    /// access.
+    #[inline]
+    fn resolve_hit(
+        &self,
+        txn: &Transaction,
+        c: &HitCtx,
+        want_fill: bool,
+    ) -> Result<Resolved, bool> {
+        let va = txn.addr;
+        let key = if c.s1 && c.tbi[((va >> 55) & 1) as usize] {
+            (((va << 8) as i64) >> 8) as u64
+        } else {
+            va
+        };
+        let e = self.hit.probe_hit(c.ids, key, c.global_first).ok_or(true)?;
+        // The entry's permissions were evaluated for each effective access when it was
+        // inserted; the context maps the incoming attributes to the effective access.
+        let incoming = access_bit(txn.kind, txn.privileged).trailing_zeros() as usize;
+        if e.allow & c.effective[incoming] == 0 {
+            return Err(false);
+        }
+        self.counters.count_hit();
+        Ok(Resolved {
+            pa: e.out_base | (va & ((1u64 << e.shift) - 1)),
+            fill: want_fill.then(|| Fill {
+                in_base: e.in_base,
+                shift: e.shift,
+                out_base: e.out_base,
+                allowed: (0..6)
+                    .filter(|&j| e.allow & c.effective[j] != 0)
+                    .fold(0, |m, j| m | (1 << j)),
+            }),
+        })
+    }
+
+    /// Records a stream's hit context (with the current store ids of `tag` and of its
+    /// global twin), unless it is already there or another thread is filling one (it is
+    /// only a cache).
+    fn fill_ctx(
+        &self,
+        txn: &Transaction,
+        slow: &Slow,
+        tag: Ctx,
+        global_first: bool,
+        make: impl FnOnce([u64; 2]) -> HitCtx,
+    ) {
+        let twin = tag.asid().is_some().then(|| tag.global());
+        // The ids as the id cache knows them under this translation's generation (a stale
+        // generation makes the filled context stale too), else from the store.
+        let cached = (
+            self.ids.lookup(tag, slow.generation),
+            twin.map_or(Some(0), |g| self.ids.lookup(g, slow.generation)),
+        );
+        let ids = match cached {
+            (Some(a), Some(b)) => [a, b],
+            _ => {
+                let t = self.tlb.lock();
+                [
+                    t.context_id(tag).unwrap_or(0),
+                    twin.and_then(|g| t.context_id(g)).unwrap_or(0),
+                ]
+            }
+        };
+        // A context known under this generation was made from the same configuration: the
+        // same TBI and access map; only its ids and the probe-order hint can differ.
+        if slow
+            .known
+            .is_some_and(|k| k.ids == ids && k.global_first == global_first)
+        {
+            return;
+        }
+        let c = make(ids);
+        if let Some(_g) = self.ctx_fill.try_lock() {
+            self.ctxs.fill(txn.sid, txn.ssid, slow.generation, &c);
+        }
+    }
+
+    /// Everything but a hit: out of line, so the hit path stays a small leaf.
+    #[inline(never)]
+    fn resolve_slow(
+        &self,
+        txn: &Transaction,
+        want_fill: bool,
+        slow: Slow,
+    ) -> Result<Resolved, Fail> {
         inc(&self.counters.translations);
         // One read of the configuration cache: the live registers, the STE and, when the
         // stream selects a CD, that CD.
@@ -714,6 +914,13 @@ impl Smmu {
                     return Err(Fail::Fault(XFault::config(EventType::FAddrSize)));
                 }
                 let h = self.s2_translate(&s2, txn.addr, access, FaultClass::In)?;
+                self.fill_ctx(
+                    txn,
+                    &slow,
+                    Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false),
+                    false,
+                    |ids| HitCtx::new(ids, false, [false; 2], (privcfg, instcfg), false),
+                );
                 let perms = EntryPerms {
                     s1: None,
                     s2: Some((h.perms, h.level, h.device)),
@@ -728,15 +935,36 @@ impl Smmu {
                     }),
                 })
             }
-            (Some(sel), s2) => self.s1_translate(
-                txn,
-                &sel,
-                s2.as_ref(),
-                vmid,
-                access,
-                (privcfg, instcfg),
-                want_fill,
-            ),
+            (Some(sel), s2) => {
+                // IHI0070 13.4.1: an EL2 (non-E2H) stage 1 ignores AP[1] and checks every
+                // access as privileged, whatever PRIV and STE.PRIVCFG say.
+                let (access, privcfg) = if sel.world == World::El2 {
+                    (Access::new(access.kind, true), AttrOverride::Force(true))
+                } else {
+                    (access, privcfg)
+                };
+                let tag = s1_tag(&sel, s2.is_some(), vmid);
+                let (r, global) = self.s1_translate(
+                    txn,
+                    &sel,
+                    s2.as_ref(),
+                    tag,
+                    access,
+                    (privcfg, instcfg),
+                    want_fill,
+                    slow.known.filter(|_| slow.array_missed).map(|c| c.ids),
+                )?;
+                let tbi = [
+                    sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0),
+                    sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1),
+                ];
+                // Probe the global twin first if this translation used a global entry (an
+                // ordering hint only).
+                self.fill_ctx(txn, &slow, tag, global, |ids| {
+                    HitCtx::new(ids, true, tbi, (privcfg, instcfg), global)
+                });
+                Ok(r)
+            }
         }
     }
 
@@ -870,7 +1098,7 @@ impl Smmu {
         class: FaultClass,
     ) -> Result<S2Hit, Fail> {
         let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
-        let cached = self.tlb.read().lookup(ctx, ipa);
+        let cached = self.tlb_lookup(ctx, ipa);
         let h = match cached {
             Some(e) => {
                 inc(&self.counters.tlb_hits);
@@ -888,56 +1116,8 @@ impl Smmu {
             }
             None => {
                 inc(&self.counters.tlb_misses);
-                let gen0 = self.tlb_gen.load(Ordering::Acquire);
-                inc(&self.counters.walks_s2);
-                let start = s2.walk.geometry().start_level();
-                let w = walk_stage2(&s2.walk, &WalkMem(&*self.mem), ipa);
-                let last = match &w {
-                    Ok(t) => Some(t.level),
-                    Err(f)
-                        if f.level >= start
-                            && !(f.level == 0
-                                && f.kind == FaultKind::Translation
-                                && ipa >> s2.ia_bits() != 0) =>
-                    {
-                        Some(f.level)
-                    }
-                    Err(_) => None,
-                };
-                if let Some(last) = last {
-                    for l in start..=last.min(3) {
-                        inc(&self.counters.desc_reads[4 + usize::from(l)]);
-                    }
-                }
-                let t = w.map_err(|f| self.s2_fault(s2, f, ipa, class))?;
-                // Device memory: MemAttr[3:2] = 0b00 (FWB not implemented).
-                let device = t.attrs.mem_attr & 0b1100 == 0;
-                let h = S2Hit {
-                    pa: t.output,
-                    in_base: t.input_base(),
-                    shift: t.block_shift,
-                    out_base: t.output_base(),
-                    perms: t.perms,
-                    level: t.level,
-                    device,
-                    tg_shift: t.granule.bits() as u8,
-                };
-                self.tlb_insert(
-                    TlbEntry {
-                        ctx,
-                        in_base: h.in_base,
-                        shift: h.shift,
-                        out_base: h.out_base,
-                        ipa_base: h.in_base,
-                        tg_shift: h.tg_shift,
-                        perms: EntryPerms {
-                            s1: None,
-                            s2: Some((h.perms, h.level, h.device)),
-                        },
-                    },
-                    gen0,
-                );
-                h
+                self.s2_walk(s2, ipa, ctx)
+                    .map_err(|f| self.s2_fault(s2, f, ipa, class))?
             }
         };
         if check_s2(h.perms, access).is_err() {
@@ -952,11 +1132,72 @@ impl Smmu {
     }
 
     pub(crate) fn tlb_insert(&self, e: TlbEntry, gen0: u64) {
-        let mut t = self.tlb.write();
+        let mut t = self.tlb.lock();
         // An invalidation since the walk started may have covered what it read.
         if self.tlb_gen.load(Ordering::Acquire) == gen0 {
-            t.insert(e);
+            // Entries hit through the array are referenced there: CLOCK asks it.
+            let replaced = t.insert_reporting_with(e, |old, id| self.hit.take_referenced(id, old));
+            // What the store evicted or replaced leaves the lookup array first.
+            for (old, id) in t.drain_removed() {
+                self.hit.remove(id, &old);
+            }
+            if let Some(id) = t.context_id(e.ctx) {
+                if replaced {
+                    self.hit.insert(id, &e);
+                } else {
+                    self.hit.insert_new(id, &e);
+                }
+                // Under the store lock the generation is exact for the ids read there.
+                let generation = self.ctx_gen.load(Ordering::Acquire);
+                if self.ids.lookup(e.ctx, generation) != Some(id) {
+                    self.ids.fill(e.ctx, id, generation);
+                }
+            }
         }
+    }
+
+    /// A slow-path main-TLB lookup (for an ASID-tagged context a global entry of the same
+    /// context also matches, IHI0070 3.17.1): the lookup array, when the ids of the
+    /// contexts are known under the current generation, then the store under its lock,
+    /// whose hit goes into the array.
+    pub(crate) fn tlb_lookup(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
+        self.tlb_lookup_from(ctx, addr, None)
+    }
+
+    /// [`Smmu::tlb_lookup`]; `probed`: the context ids with which the hit path has just
+    /// probed the array for this address, and missed.
+    fn tlb_lookup_from(&self, ctx: Ctx, addr: u64, probed: Option<[u64; 2]>) -> Option<TlbEntry> {
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        let global = ctx.asid().is_some().then(|| ctx.global());
+        // Ids known under the current generation (0: the context holds no entries).
+        let own = self.ids.lookup(ctx, generation);
+        let twin = global.and_then(|g| self.ids.lookup(g, generation));
+        let ids = [own.unwrap_or(0), twin.unwrap_or(0)];
+        if probed != Some(ids)
+            && ids != [0, 0]
+            && let Some(e) = self.hit.lookup(ids, [ctx, global.unwrap_or(ctx)], addr)
+        {
+            return Some(e);
+        }
+        let t = self.tlb.lock();
+        // Under the store lock the generation is exact for the ids read there. Ids the
+        // cache did not know are recorded (0: the context holds nothing); a known one is
+        // corrected below if the store answers from another incarnation.
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        for (c, cached) in [(Some(ctx), own), (global, twin)] {
+            if let (Some(c), None) = (c, cached) {
+                self.ids.fill(c, t.context_id(c).unwrap_or(0), generation);
+            }
+        }
+        let e = t.lookup(ctx, addr)?;
+        if let Some(id) = t.context_id(e.ctx) {
+            self.hit.insert(id, &e);
+            let known = if e.ctx == ctx { own } else { twin };
+            if known.is_some_and(|k| k != id) {
+                self.ids.fill(e.ctx, id, generation);
+            }
+        }
+        Some(e)
     }
 
     /// Reads 8 bytes of a CD-table structure at `addr` (an IPA when nested).
@@ -982,7 +1223,7 @@ impl Smmu {
     fn cd_config(
         &self,
         txn: &Transaction,
-        _live: &Live,
+        live: &Live,
         s1: &S1Ctx,
         s2: Option<&S2Config>,
         idx: u32,
@@ -1037,10 +1278,12 @@ impl Smmu {
                 .read_u64(a)
                 .map_err(|_| Fail::Fault(XFault::fetch(EventType::FCdFetch, a)))?;
         }
-        let world = if s1.world == StreamWorld::El2 {
-            StreamWorld::El2
-        } else {
-            StreamWorld::NsEl1
+        // STRW = EL2 is the EL2-E2H world while CR2.E2H = 1 (IHI0070 3.17.5): its CDs have
+        // two VA ranges and an ASID, as an EL1 CD does.
+        let world = match s1.world {
+            StreamWorld::NsEl1 => StreamWorld::NsEl1,
+            StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => StreamWorld::El2E2h,
+            StreamWorld::El2 | StreamWorld::El2E2h => StreamWorld::El2,
         };
         let cd = decode_cd(&ContextDescriptor::from_dwords(d), world, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadCd)))?;
@@ -1094,11 +1337,12 @@ impl Smmu {
         txn: &Transaction,
         sel: &S1Sel,
         s2: Option<&S2Config>,
-        vmid: u16,
+        ctx: Ctx,
         access: Access,
         (privcfg, instcfg): (AttrOverride, AttrOverride),
         want_fill: bool,
-    ) -> Result<Resolved, Fail> {
+        probed: Option<[u64; 2]>,
+    ) -> Result<(Resolved, bool), Fail> {
         let va = txn.addr;
         // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
         // with the canonical address, so tagged and untagged accesses share them and a TLBI
@@ -1113,15 +1357,8 @@ impl Smmu {
         } else {
             va
         };
-        let kind = if s2.is_some() { Kind::Nested } else { Kind::S1 };
-        // EL2 (non-E2H) entries have no ASID; NS-EL1 entries carry the VMID.
-        let (vm, asid) = match sel.world {
-            World::NsEl1 => (vmid, Some(sel.cd.asid)),
-            World::El2 => (0, None),
-            World::El2E2h => (0, Some(sel.cd.asid)),
-        };
-        let ctx = Ctx::new(sel.world, kind, vm, asid, sel.cd.aset);
-        let cached = self.tlb.read().lookup(ctx, key_va);
+        // The hit path's probe (same tag, same ids under this generation) already missed.
+        let cached = self.tlb_lookup_from(ctx, key_va, probed);
         let entry = match cached {
             Some(e) => {
                 inc(&self.counters.tlb_hits);
@@ -1153,15 +1390,18 @@ impl Smmu {
                 FaultClass::In,
             ));
         }
-        Ok(Resolved {
-            pa: entry.output(va),
-            fill: want_fill.then(|| Fill {
-                in_base: entry.in_base,
-                shift: entry.shift,
-                out_base: entry.out_base,
-                allowed: allowed_mask(&entry.perms, privcfg, instcfg),
-            }),
-        })
+        Ok((
+            Resolved {
+                pa: entry.output(va),
+                fill: want_fill.then(|| Fill {
+                    in_base: entry.in_base,
+                    shift: entry.shift,
+                    out_base: entry.out_base,
+                    allowed: allowed_mask(&entry.perms, privcfg, instcfg),
+                }),
+            },
+            entry.ctx.asid().is_none(),
+        ))
     }
 
     /// Walks stage 1 (and stage 2 for every table address and the output, when nested),
@@ -1176,22 +1416,22 @@ impl Smmu {
     ) -> Result<TlbEntry, Fail> {
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
         inc(&self.counters.walks_s1);
-        let start = match select_ttb(&sel.cd.walk, va) {
-            Ok((_, region)) => Some(region.geometry.start_level()),
-            Err(_) => None,
-        };
         let mem = WalkMem(&*self.mem);
         let w = match s2 {
             None => {
-                walk_stage1(&sel.cd.walk, &mem, &mut twinmmu_vmsa::Direct, va).map_err(
-                    |e| match e {
-                        WalkError::Fault(f) => Ok(f),
-                        WalkError::TableFetch { error, .. } => match error {},
-                    },
-                )
+                // The hook sees each descriptor address before it is read: an exact count
+                // of the reads per level.
+                let mut count = |pa: u64, level: u8| -> Result<u64, std::convert::Infallible> {
+                    inc(&self.counters.desc_reads[usize::from(level & 3)]);
+                    Ok(pa)
+                };
+                walk_stage1(&sel.cd.walk, &mem, &mut count, va).map_err(|e| match e {
+                    WalkError::Fault(f) => Ok(f),
+                    WalkError::TableFetch { error, .. } => match error {},
+                })
             }
             Some(s2c) => {
-                let mut hook = |ipa: u64, _level: u8| -> Result<u64, Fail> {
+                let mut hook = |ipa: u64, level: u8| -> Result<u64, Fail> {
                     // Each stage-1 table address is an IPA translated by stage 2: CLASS = TT
                     // (IHI0070 3.3.3, 7.3.13).
                     let h = self.s2_translate(
@@ -1210,6 +1450,7 @@ impl Smmu {
                             FaultClass::Tt,
                         ));
                     }
+                    inc(&self.counters.desc_reads[usize::from(level & 3)]);
                     Ok(h.pa)
                 };
                 walk_stage1(&sel.cd.walk, &mem, &mut hook, va).map_err(|e| match e {
@@ -1218,23 +1459,25 @@ impl Smmu {
                 })
             }
         };
-        let last = match &w {
-            Ok(t) => Some(t.level),
-            Err(Ok(f)) => Some(f.level),
-            Err(Err(_)) => None,
-        };
-        if let (Some(start), Some(last)) = (start, last) {
-            for l in start..=last.min(3) {
-                inc(&self.counters.desc_reads[usize::from(l)]);
-            }
-        }
         let t = match w {
             Ok(t) => t,
             Err(Ok(f)) => return Err(self.s1_fault(sel, f)),
             Err(Err(fail)) => return Err(fail),
         };
-        let s1perms: S1Perms = t.perms;
-        let ctl = sel.cd.walk.controls();
+        let (s1perms, ctl) = if sel.world == World::El2 {
+            // The EL2 regime (DDI0487 D8.4): one XN bit (bit 54, UXN's place, with
+            // XNTable), no EL0 permission, no PXN and no PAN.
+            let p = t.perms;
+            (
+                S1Perms::new(p.read_only(), false, p.uxn(), p.uxn()),
+                twinmmu_vmsa::S1Controls {
+                    wxn: sel.cd.walk.controls().wxn,
+                    pan: false,
+                },
+            )
+        } else {
+            (t.perms, sel.cd.walk.controls())
+        };
         // Global (nG = 0) entries are tagged with no ASID.
         let ectx = if t.global { ctx.global() } else { ctx };
         let e = match s2 {
@@ -1282,7 +1525,7 @@ impl Smmu {
         // An access every S2 descriptor grants for the purpose of the lookup is not
         // expressible, so look up and walk directly.
         let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
-        if let Some(e) = self.tlb.read().lookup(ctx, ipa) {
+        if let Some(e) = self.tlb_lookup(ctx, ipa) {
             inc(&self.counters.tlb_hits);
             let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
             return Ok(S2Hit {
@@ -1297,23 +1540,27 @@ impl Smmu {
             });
         }
         inc(&self.counters.tlb_misses);
+        self.s2_walk(s2, ipa, ctx)
+            .map_err(|f| self.s2_fault(s2, f, ipa, FaultClass::In))
+    }
+
+    /// Walks stage 2 for `ipa`, counting every descriptor read by level, and caches the
+    /// result as an S2 entry of `ctx` unless an invalidation ran meanwhile.
+    fn s2_walk(&self, s2: &S2Config, ipa: u64, ctx: Ctx) -> Result<S2Hit, twinmmu_vmsa::Fault> {
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
         inc(&self.counters.walks_s2);
-        let start = s2.walk.geometry().start_level();
-        let w = walk_stage2(&s2.walk, &WalkMem(&*self.mem), ipa);
-        if let Some(last) = match &w {
-            Ok(t) => Some(t.level),
-            Err(f) if !(f.kind == FaultKind::Translation && ipa >> s2.ia_bits() != 0) => {
-                Some(f.level)
-            }
-            Err(_) => None,
-        } {
-            for l in start..=last.min(3) {
-                inc(&self.counters.desc_reads[4 + usize::from(l)]);
-            }
-        }
-        let t = w.map_err(|f| self.s2_fault(s2, f, ipa, FaultClass::In))?;
-        let device = t.attrs.mem_attr & 0b1100 == 0;
+        let mut count = |pa: u64, level: u8| -> Result<u64, std::convert::Infallible> {
+            inc(&self.counters.desc_reads[4 + usize::from(level & 3)]);
+            Ok(pa)
+        };
+        let t =
+            walk_stage2_with(&s2.walk, &WalkMem(&*self.mem), &mut count, ipa).map_err(
+                |e| match e {
+                    WalkError::Fault(f) => f,
+                    WalkError::TableFetch { error, .. } => match error {},
+                },
+            )?;
+        // FEAT_S2FWB is not implemented: MemAttr[3:2] = 0b00 is Device.
         let h = S2Hit {
             pa: t.output,
             in_base: t.input_base(),
@@ -1321,7 +1568,7 @@ impl Smmu {
             out_base: t.output_base(),
             perms: t.perms,
             level: t.level,
-            device,
+            device: t.attrs.is_device(),
             tg_shift: t.granule.bits() as u8,
         };
         self.tlb_insert(
@@ -1343,13 +1590,36 @@ impl Smmu {
     }
 }
 
+/// What the slow path knows from the hit path's attempt.
+struct Slow {
+    /// The configuration generation loaded before anything was read.
+    generation: u64,
+    /// The stream's hit context, if the cache held one.
+    known: Option<HitCtx>,
+    /// The hit path probed the array with that context's ids and found no entry.
+    array_missed: bool,
+}
+
+/// The TLB tag of a stage-1 (or nested) stream's entries. IHI0070 3.17: NS-EL1 entries
+/// carry the VMID and (non-global) the ASID; EL2-E2H entries the ASID only; EL2 entries
+/// neither, nor an ASET (permitted, not required).
+fn s1_tag(sel: &S1Sel, nested: bool, vmid: u16) -> Ctx {
+    let kind = if nested { Kind::Nested } else { Kind::S1 };
+    let (vm, asid, aset) = match sel.world {
+        World::NsEl1 => (vmid, Some(sel.cd.asid), sel.cd.aset),
+        World::El2 => (0, None, false),
+        World::El2E2h => (0, Some(sel.cd.asid), sel.cd.aset),
+    };
+    Ctx::new(sel.world, kind, vm, asid, aset)
+}
+
 fn terminated(s: &Stalled, t: Termination) -> StallResult {
     match (&s.op, t) {
         (PendingOp::Read { len }, Termination::RazWi) => StallResult::Read(vec![0; *len]),
         (PendingOp::Write { .. }, Termination::RazWi) => StallResult::Written,
         (_, t) => StallResult::Failed(DmaError::Fault {
             event: s.event,
-            recorded: true,
+            recorded: s.recorded,
             termination: t,
         }),
     }

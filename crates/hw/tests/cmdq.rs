@@ -512,3 +512,182 @@ fn tbi_tagged_addresses_share_one_entry_and_untagged_tlbi_removes_it() {
         }
     ));
 }
+
+/// A stalling stream (CD.S = 1) with an event queue of two entries.
+fn stalling_machine_small_evtq() -> (Machine, u64) {
+    let mut m = Machine::with_queues(SmmuConfig::default(), 1);
+    let mem = m.mem.clone();
+    let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
+    b.map(0x1000, DATA, 0x1000, urw()).unwrap();
+    let ttb = b.root();
+    let mut cd = s1_cd(Granule::Size4K, 48, ttb, 1);
+    cd.dw0 = cd.dw0.with_s(true);
+    m.write_cd(CDS, &cd);
+    m.set_ste(2, &s1_ste(CDS, 0, 1));
+    // A terminating stream (CD.S = 0) to fill the queue with.
+    m.write_cd(CDS + 64, &s1_cd(Granule::Size4K, 48, ttb, 2));
+    m.set_ste(3, &s1_ste(CDS + 64, 0, 2));
+    std::mem::forget(b);
+    (m, ttb)
+}
+
+#[test]
+fn a_stall_whose_record_finds_the_queue_full_waits_and_is_retried() {
+    let (m, ttb) = stalling_machine_small_evtq();
+    // Fill the 2-entry queue with terminate-model faults.
+    for va in [0x8000u64, 0x9000] {
+        let t = Transaction::new(3, None, va, AccessKind::Read, false);
+        assert!(matches!(
+            m.smmu.translate(t),
+            Outcome::Fault { recorded: true, .. }
+        ));
+    }
+    let prod_full = m.r32(PAGE1 + off::EVENTQ_PROD);
+    // IHI0070 7.2.1: the stall's record cannot be written, and it is not discarded: the
+    // transaction stays stalled, with no overflow.
+    let out = m.smmu.dma_write(2, None, 0x5000, &[9, 8, 7, 6], false);
+    let Err(DmaError::Stalled { stag, .. }) = out else {
+        panic!("{out:?}")
+    };
+    assert!(m.smmu.is_stalled(2, stag));
+    assert_eq!(
+        m.r32(PAGE1 + off::EVENTQ_PROD),
+        prod_full,
+        "no record, no OVFLG"
+    );
+    assert_eq!(m.smmu.stats().events_lost, 0);
+    // Software has not seen the STAG: a RESUME naming it has no effect.
+    m.submit(&[build::resume(2, stag, false, true), build::sync()]);
+    assert!(m.smmu.is_stalled(2, stag));
+    // Consuming one record makes the queue writable: the retry faults again and records
+    // the stall, with the transaction's STAG.
+    assert_eq!(m.events().len(), 2, "the two terminate records");
+    let evs = m.events();
+    assert_eq!(evs.len(), 1, "then the stall's");
+    assert_eq!(evs[0][0] & 0xff, 0x10, "F_TRANSLATION");
+    assert_ne!(evs[0][1] & (1 << 31), 0, "Stall = 1");
+    assert_eq!(evs[0][1] & 0xffff, u64::from(stag));
+    assert_eq!(evs[0][2], 0x5000, "InputAddr");
+    assert!(m.smmu.is_stalled(2, stag));
+    // Now software may resume it, after mapping the page.
+    let mut b = twinmmu_vmsa::TableBuilder::adopt(
+        twinmmu_vmsa::TableFormat::stage1(Granule::Size4K, 48, twinmmu_vmsa::PaSize::Bits48)
+            .unwrap(),
+        ttb,
+        &*m.mem,
+        twinmmu_vmsa::BumpAllocator::new(TABLES + 0x80_0000, 0x10_0000),
+    );
+    b.map(0x5000, DATA + 0x5000, 0x1000, urw()).unwrap();
+    m.submit(&[build::resume(2, stag, true, false), build::sync()]);
+    assert_eq!(m.smmu.stall_result(2, stag), Some(StallResult::Written));
+    let mut back = [0u8; 4];
+    m.mem.read(DATA + 0x5000, &mut back).unwrap();
+    assert_eq!(back, [9, 8, 7, 6]);
+}
+
+#[test]
+fn a_waiting_stall_that_translates_on_retry_completes_without_a_record() {
+    let (m, ttb) = stalling_machine_small_evtq();
+    // The event queue disabled: no record can be written.
+    m.w32(off::CR0, 0b1001);
+    let t = Transaction::new(2, None, 0x6000, AccessKind::Read, false);
+    let Outcome::Stalled { stag, .. } = m.smmu.translate(t) else {
+        panic!()
+    };
+    assert!(m.smmu.is_stalled(2, stag));
+    // The translation is fixed and invalidated before the queue comes back.
+    let mut b = twinmmu_vmsa::TableBuilder::adopt(
+        twinmmu_vmsa::TableFormat::stage1(Granule::Size4K, 48, twinmmu_vmsa::PaSize::Bits48)
+            .unwrap(),
+        ttb,
+        &*m.mem,
+        twinmmu_vmsa::BumpAllocator::new(TABLES + 0x80_0000, 0x10_0000),
+    );
+    b.map(0x6000, DATA + 0x6000, 0x1000, urw()).unwrap();
+    m.submit(&[build::tlbi_nh_va(1, 1, 0x6000, true), build::sync()]);
+    assert!(m.smmu.is_stalled(2, stag), "still waiting for the queue");
+    // EVENTQEN = 1: the retry translates; nothing is recorded.
+    m.w32(off::CR0, 0b1101);
+    assert!(!m.smmu.is_stalled(2, stag));
+    assert_eq!(
+        m.smmu.stall_result(2, stag),
+        Some(StallResult::Translated(DATA + 0x6000))
+    );
+    assert!(m.events().is_empty());
+}
+
+#[test]
+fn stall_term_and_smmuen_reach_stalls_still_waiting_for_their_record() {
+    let (m, _) = stalling_machine_small_evtq();
+    m.w32(off::CR0, 0b1001);
+    let t = Transaction::new(2, None, 0x6000, AccessKind::Read, false);
+    let Outcome::Stalled { stag: a, .. } = m.smmu.translate(t) else {
+        panic!()
+    };
+    let Outcome::Stalled { stag: b, .. } = m.smmu.translate(t) else {
+        panic!()
+    };
+    m.submit(&[build::stall_term(2), build::sync()]);
+    for s in [a, b] {
+        assert_eq!(
+            m.smmu.stall_result(2, s),
+            Some(StallResult::Failed(DmaError::Fault {
+                event: EventType::FTranslation,
+                recorded: false,
+                termination: Termination::Abort,
+            }))
+        );
+    }
+    let Outcome::Stalled { stag: c, .. } = m.smmu.translate(t) else {
+        panic!()
+    };
+    m.w32(off::CR0, 0b1000);
+    assert!(!m.smmu.is_stalled(2, c));
+    assert!(matches!(
+        m.smmu.stall_result(2, c),
+        Some(StallResult::Failed(_))
+    ));
+}
+
+#[test]
+fn a_stall_whose_record_write_aborts_waits_for_the_abort_to_be_acknowledged() {
+    let (m, _) = stalling_machine_small_evtq();
+    // The event queue moved outside memory: writing a record aborts (IHI0070 7.2.2).
+    m.w32(off::CR0, 0b1001);
+    m.w64(off::EVENTQ_BASE, 0x1_0000_0000 | 1);
+    m.w32(off::CR0, 0b1101);
+    let t = Transaction::new(2, None, 0x6000, AccessKind::Read, false);
+    let Outcome::Stalled { stag, .. } = m.smmu.translate(t) else {
+        panic!()
+    };
+    assert_ne!(
+        (m.r32(off::GERROR) ^ m.r32(off::GERRORN)) & (1 << 2),
+        0,
+        "EVENTQ_ABT_ERR active"
+    );
+    assert!(m.smmu.is_stalled(2, stag), "the transaction stays stalled");
+    // Software repairs the queue; while the abort is unacknowledged the queue is still not
+    // writable (IHI0070 7.2.1), so nothing is recorded yet.
+    m.w32(off::CR0, 0b1001);
+    m.w64(off::EVENTQ_BASE, EVTQ | 1);
+    m.w32(PAGE1 + off::EVENTQ_PROD, 0);
+    m.w32(PAGE1 + off::EVENTQ_CONS, 0);
+    m.w32(off::CR0, 0b1101);
+    assert!(m.events().is_empty());
+    // Acknowledging EVENTQ_ABT_ERR makes it writable: the retry records the stall.
+    m.w32(off::GERRORN, m.r32(off::GERROR));
+    let evs = m.events();
+    assert_eq!(evs.len(), 1);
+    assert_ne!(evs[0][1] & (1 << 31), 0, "Stall = 1");
+    assert_eq!(evs[0][1] & 0xffff, u64::from(stag));
+    assert!(m.smmu.is_stalled(2, stag));
+    m.submit(&[build::resume(2, stag, false, true), build::sync()]);
+    assert!(matches!(
+        m.smmu.stall_result(2, stag),
+        Some(StallResult::Failed(DmaError::Fault {
+            recorded: true,
+            termination: Termination::Abort,
+            ..
+        }))
+    ));
+}

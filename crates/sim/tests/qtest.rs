@@ -138,3 +138,72 @@ fn config_file_moves_the_map() {
     assert_eq!(a[2], "OK 0x0000000000000007");
     assert!(a[3].starts_with("ERR"), "old RAM base is not memory");
 }
+
+/// `tlbi` with the EL2 operations against an EL2-E2H stream (STRW = EL2, CR2.E2H = 1, CD
+/// ASID 5, a non-global page): the ASID operand selects (IHI0070 3.17.5).
+#[test]
+fn el2_broadcasts_from_qtest_scope_by_asid_under_e2h() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/qtest-s1-dma.qtest"
+    );
+    let example = std::fs::read_to_string(path).unwrap();
+    // The example's setup, up to (not including) its DMA, with three changes: a non-global
+    // page (nG, bit 11), CD.ASID = 5, STE.STRW = EL2; and CR2.E2H = 1 before SMMUEN.
+    let setup: String = example
+        .lines()
+        .take_while(|l| !l.starts_with("# Translate"))
+        .map(|l| match l {
+            "writeq 0x40043008 0x40100743" => "writeq 0x40043008 0x40100f43".to_owned(),
+            "writeq 0x40030000 0x16205c0000010" => "writeq 0x40030000 0x56205c0000010".to_owned(),
+            "writeq 0x40000040 0x4003000b" => {
+                "writeq 0x40000040 0x4003000b\nwriteq 0x40000048 0x80000000\nwritel 0x0905002c 1"
+                    .to_owned()
+            }
+            l => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let script = format!(
+        "{setup}
+dma 1 - 0x80001234 r
+stats
+tlbi VAE2IS vmid=3 asid=6 addr=0x80001000
+stats
+tlbi VAE2IS vmid=3 asid=5 addr=0x80001000
+stats
+dma 1 - 0x80001234 r
+tlbi RVALE2IS asid=5 addr=0x80000000 num=3 scale=0 tg=1
+stats
+dma 1 - 0x80001234 r
+tlbi ASIDE2IS asid=6
+stats
+tlbi ASIDE2IS asid=5
+stats
+dma 1 - 0x80001234 r
+tlbi ALLE2IS
+stats
+"
+    );
+    let answers = run(&script, None);
+    assert!(answers.iter().all(|a| a.starts_with("OK")), "{answers:?}");
+    let entries: Vec<u64> = answers
+        .iter()
+        .filter(|a| a.starts_with("OK translations="))
+        .map(|a| {
+            let v = a
+                .split(' ')
+                .find_map(|kv| kv.strip_prefix("tlb_entries="))
+                .unwrap();
+            v.parse().unwrap()
+        })
+        .collect();
+    // Cached; another ASID leaves it; its ASID (any VMID operand) removes it; the range
+    // form removes it; ASIDE2IS of another ASID leaves it, of its ASID removes it; ALLE2IS.
+    assert_eq!(entries, vec![1, 1, 0, 0, 1, 0, 0]);
+    let dmas: Vec<&String> = answers
+        .iter()
+        .filter(|a| a.starts_with("OK 0x0000000040100234"))
+        .collect();
+    assert_eq!(dmas.len(), 4, "{answers:?}");
+}
