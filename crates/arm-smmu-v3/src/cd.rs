@@ -41,10 +41,7 @@ impl CdTable {
             }
             now = step;
             drv.issue_cmd_with_sync([
-                cmd::OP_CFGI_CD
-                    | cmd::SSV
-                    | defs::prep(cmd::SSID, 0)
-                    | defs::prep(cmd::SID, u64::from(sid)),
+                cmd::OP_CFGI_CD | defs::prep(cmd::SSID, 0) | defs::prep(cmd::SID, u64::from(sid)),
                 cmd::CFGI_1_LEAF,
             ])
             .map_err(|_| Errno::EIO)?;

@@ -119,10 +119,9 @@ impl ArmSmmuV3 {
                     qs.prod = qs.inc(qs.prod);
                 }
             }
-            self.stats.commands.fetch_add(
-                n as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            self.stats
+                .commands
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             // Publish: the SMMU may consume everything up to PROD from here on.
             self.mmio_w32(reg::CMDQ_PROD, qs.prod);
             done += n;
@@ -145,7 +144,10 @@ impl ArmSmmuV3 {
                 defs::prep(cmd::SYNC_1_MSIADDR, slot >> 2),
             ]
         } else {
-            [cmd::OP_SYNC | defs::prep(cmd::SYNC_0_CS, cmd::SYNC_CS_NONE), 0]
+            [
+                cmd::OP_SYNC | defs::prep(cmd::SYNC_0_CS, cmd::SYNC_CS_NONE),
+                0,
+            ]
         }
     }
 

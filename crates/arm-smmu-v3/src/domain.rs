@@ -14,8 +14,8 @@ use twinmmu_hw::FrameAllocator;
 use twinmmu_iommufd::{Errno, IovaRange, PagingDomain, Prot};
 use twinmmu_vmsa::{
     BuildError, Changes, Features as VmsaFeatures, Geometry, Granule, PaSize, S1LeafAttrs,
-    S2LeafAttrs, Stage1Config, Stage1Params, Stage2Config, Stage2Params, TableBuilder,
-    TableFormat, TtbParams,
+    S2LeafAttrs, Stage1Config, Stage1Params, Stage2Config, Stage2Params, TableBuilder, TableFormat,
+    TtbParams,
 };
 
 use crate::cd::{S1Tcr, make_s1_cd};
@@ -78,7 +78,14 @@ impl ArmSmmuV3 {
     /// TLBI commands for `[iova, iova + size)` with `base` (opcode, VMID, ASID in dword 0)
     /// (`__arm_smmu_tlb_inv_range`). Returns `false` when the range is too large to be
     /// worth invalidating by address (no RIL): the caller invalidates the whole context.
-    fn tlbi_range(&self, base: u64, iova: u64, size: u64, leaf: bool, out: &mut Vec<[u64; 2]>) -> bool {
+    fn tlbi_range(
+        &self,
+        base: u64,
+        iova: u64,
+        size: u64,
+        leaf: bool,
+        out: &mut Vec<[u64; 2]>,
+    ) -> bool {
         let tg = self.granule().bits();
         let addr_mask = if defs::get(cmd::OP, base) == cmd::OP_TLBI_S2_IPA {
             cmd::TLBI_1_IPA
@@ -107,9 +114,7 @@ impl ArmSmmuV3 {
                 out.push([
                     base | defs::prep(cmd::TLBI_0_NUM, num - 1)
                         | defs::prep(cmd::TLBI_0_SCALE, u64::from(scale)),
-                    leaf_bit
-                        | defs::prep(cmd::TLBI_1_TG, tg_enc)
-                        | (addr & addr_mask),
+                    leaf_bit | defs::prep(cmd::TLBI_1_TG, tg_enc) | (addr & addr_mask),
                 ]);
                 addr = addr.wrapping_add(num << (scale + tg));
                 num_pages -= num << scale;
@@ -276,7 +281,12 @@ impl S2Domain {
     pub fn vmids(&self) -> Vec<u16> {
         let u = self.users.lock();
         let mut v: Vec<u16> = u.own_vmid.into_iter().collect();
-        v.extend(u.viommu_vmids.keys().copied().filter(|x| Some(*x) != u.own_vmid));
+        v.extend(
+            u.viommu_vmids
+                .keys()
+                .copied()
+                .filter(|x| Some(*x) != u.own_vmid),
+        );
         v
     }
 
@@ -298,8 +308,18 @@ impl S2Domain {
         let (vmids, ats_sids) = {
             let u = self.users.lock();
             let mut v: Vec<u16> = u.own_vmid.into_iter().collect();
-            v.extend(u.viommu_vmids.keys().copied().filter(|x| Some(*x) != u.own_vmid));
-            let ats: Vec<u32> = u.masters.iter().filter(|(_, a)| **a).map(|(s, _)| *s).collect();
+            v.extend(
+                u.viommu_vmids
+                    .keys()
+                    .copied()
+                    .filter(|x| Some(*x) != u.own_vmid),
+            );
+            let ats: Vec<u32> = u
+                .masters
+                .iter()
+                .filter(|(_, a)| **a)
+                .map(|(s, _)| *s)
+                .collect();
             (v, ats)
         };
         let mut cmds = Vec::new();
@@ -307,10 +327,14 @@ impl S2Domain {
             let base = cmd::OP_TLBI_S2_IPA | defs::prep(cmd::TLBI_0_VMID, u64::from(vmid));
             let mut ranged = true;
             for r in &changes.leaves {
-                ranged &= self.drv.tlbi_range(base, r.start, r.end - r.start, true, &mut cmds);
+                ranged &= self
+                    .drv
+                    .tlbi_range(base, r.start, r.end - r.start, true, &mut cmds);
             }
             for r in &changes.tables {
-                ranged &= self.drv.tlbi_range(base, r.start, r.end - r.start, false, &mut cmds);
+                ranged &= self
+                    .drv
+                    .tlbi_range(base, r.start, r.end - r.start, false, &mut cmds);
             }
             if !ranged {
                 // Too many granules without RIL: everything of the VMID (S1 and S2).
@@ -370,7 +394,9 @@ impl PagingDomain for S2Domain {
         };
         let mut b = self.builder.lock();
         let b = b.as_mut().ok_or(Errno::ENODEV)?;
-        b.map(iova, pa, len, attrs.bits()).map(|_| ()).map_err(build_err)
+        b.map(iova, pa, len, attrs.bits())
+            .map(|_| ())
+            .map_err(build_err)
     }
 
     fn unmap(&self, iova: u64, len: u64) -> u64 {
@@ -524,10 +550,14 @@ impl S1Domain {
         let mut cmds = Vec::new();
         let mut ranged = true;
         for r in &changes.leaves {
-            ranged &= self.drv.tlbi_range(va, r.start, r.end - r.start, true, &mut cmds);
+            ranged &= self
+                .drv
+                .tlbi_range(va, r.start, r.end - r.start, true, &mut cmds);
         }
         for r in &changes.tables {
-            ranged &= self.drv.tlbi_range(va, r.start, r.end - r.start, false, &mut cmds);
+            ranged &= self
+                .drv
+                .tlbi_range(va, r.start, r.end - r.start, false, &mut cmds);
         }
         if !ranged {
             cmds.clear();
@@ -569,7 +599,9 @@ impl PagingDomain for S1Domain {
         };
         let mut b = self.builder.lock();
         let b = b.as_mut().ok_or(Errno::ENODEV)?;
-        b.map(iova, pa, len, attrs.bits()).map(|_| ()).map_err(build_err)
+        b.map(iova, pa, len, attrs.bits())
+            .map(|_| ())
+            .map_err(build_err)
     }
 
     fn unmap(&self, iova: u64, len: u64) -> u64 {

@@ -24,7 +24,11 @@ pub(crate) struct OutQueue {
 
 impl OutQueue {
     pub(crate) fn new(base: u64, log2: u32) -> Self {
-        OutQueue { base, log2, cons: 0 }
+        OutQueue {
+            base,
+            log2,
+            cons: 0,
+        }
     }
 
     pub(crate) fn base_reg(&self) -> u64 {
@@ -153,7 +157,11 @@ impl ArmSmmuV3 {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         events.report_page_request(PageRequest {
             flags: fault::FLAG_LAST_PAGE | if ssv { fault::FLAG_PASID_VALID } else { 0 },
-            pasid: if ssv { defs::get(evt::SSID, e[0]) as u32 } else { 0 },
+            pasid: if ssv {
+                defs::get(evt::SSID, e[0]) as u32
+            } else {
+                0
+            },
             grpid: stag,
             perm,
             addr: e[2],
@@ -222,7 +230,11 @@ impl ArmSmmuV3 {
         events.report_page_request(PageRequest {
             flags: if last { fault::FLAG_LAST_PAGE } else { 0 }
                 | if ssv { fault::FLAG_PASID_VALID } else { 0 },
-            pasid: if ssv { defs::get(priq::SSID, d0) as u32 } else { 0 },
+            pasid: if ssv {
+                defs::get(priq::SSID, d0) as u32
+            } else {
+                0
+            },
             grpid,
             perm,
             addr: d1 & priq::ADDR,

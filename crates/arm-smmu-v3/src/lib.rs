@@ -41,12 +41,12 @@ mod viommu;
 pub use cmdq::CmdqError;
 pub use device::{ArmSmmuV3, CmdqvConfig, DriverStats, Features, Options, ProbeError};
 pub use domain::{S1Domain, S2Domain};
+pub use events::EventDisposition;
+pub use master::{MSI_IOVA_BASE, MSI_IOVA_LENGTH};
 pub use master::{Master, MasterOptions};
 pub use memory::{HwMemory, TableMem};
 pub use trace::TraceEvent;
 pub use vcmdq::{VCMDQ_PAGE_SIZE, vcmdq_reg};
-pub use events::EventDisposition;
-pub use master::{MSI_IOVA_BASE, MSI_IOVA_LENGTH};
 pub use viommu::{ArmNestedDomain, VSmmu, VmidSource};
 
 /// `struct iommu_hw_info_arm_smmuv3` size: flags, __reserved, idr[6], iidr, aidr.

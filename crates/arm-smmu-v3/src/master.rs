@@ -5,7 +5,9 @@ use std::any::Any;
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
-use twinmmu_iommufd::{DeviceEvents, Domain, Errno, IommuDevice, IommuDriver, IovaRange, ViommuCore};
+use twinmmu_iommufd::{
+    DeviceEvents, Domain, Errno, IommuDevice, IommuDriver, IovaRange, ViommuCore,
+};
 
 use crate::cd::CdTable;
 use crate::defs::{self, cmd};
@@ -102,19 +104,17 @@ impl ArmSmmuV3 {
         }
         let l1_written = {
             let mut st = self.strtab.lock();
-            st.ensure(sid, &self.frames, &*self.mem).map_err(|e| match e {
-                StrtabError::OutOfRange => Errno::ERANGE,
-                StrtabError::NoMemory => Errno::ENOMEM,
-                StrtabError::Memory => Errno::EFAULT,
-            })?
+            st.ensure(sid, &self.frames, &*self.mem)
+                .map_err(|e| match e {
+                    StrtabError::OutOfRange => Errno::ERANGE,
+                    StrtabError::NoMemory => Errno::ENOMEM,
+                    StrtabError::Memory => Errno::EFAULT,
+                })?
         };
         if l1_written {
             // A new L1 descriptor: invalidate it together with the STE (Leaf = 0).
-            self.issue_cmd_with_sync([
-                cmd::OP_CFGI_STE | defs::prep(cmd::SID, u64::from(sid)),
-                0,
-            ])
-            .map_err(|_| Errno::EIO)?;
+            self.issue_cmd_with_sync([cmd::OP_CFGI_STE | defs::prep(cmd::SID, u64::from(sid)), 0])
+                .map_err(|_| Errno::EIO)?;
         }
         let group = match opts.group_with {
             Some(g) => g,
@@ -235,7 +235,11 @@ impl Master {
                         st.cd_table = Some(CdTable::new(drv)?);
                     }
                     let cdt = st.cd_table.as_ref().ok_or(Errno::ENOMEM)?;
-                    cdt.write_cd(drv, self.sid, &s1.make_cd(self.opts.stall && drv.feat.stall))?;
+                    cdt.write_cd(
+                        drv,
+                        self.sid,
+                        &s1.make_cd(self.opts.stall && drv.feat.stall),
+                    )?;
                     let ats = self.ats_enabled_for(true);
                     (
                         strtab::make_cdtable_ste(

@@ -15,10 +15,7 @@ use crate::master::Master;
 
 impl ArmSmmuV3 {
     fn master_of<'a>(&self, dev: &'a Arc<dyn IommuDevice>) -> Result<&'a Master, Errno> {
-        let m = dev
-            .as_any()
-            .downcast_ref::<Master>()
-            .ok_or(Errno::EINVAL)?;
+        let m = dev.as_any().downcast_ref::<Master>().ok_or(Errno::EINVAL)?;
         if !std::ptr::eq(Arc::as_ptr(&m.drv), self) {
             return Err(Errno::EINVAL);
         }
@@ -135,9 +132,7 @@ impl IommuDriver for ArmSmmuV3 {
             // The model's masters have no SubstreamIDs.
             return Err(Errno::EINVAL);
         }
-        let m = Arc::clone(dev)
-            .as_any_arc()
-            .ok_or(Errno::EINVAL)?;
+        let m = Arc::clone(dev).as_any_arc().ok_or(Errno::EINVAL)?;
         m.attach(domain)
     }
 

@@ -217,14 +217,8 @@ pub(crate) struct S2Cfg {
 pub(crate) fn make_s2_ste(s2: &S2Cfg, vmid: u16, ats: bool) -> Entry {
     let mut e = [0u64; 8];
     e[0] = ste::V | defs::prep(ste::CFG, ste::CFG_S2_TRANS);
-    e[1] = defs::prep(
-        ste::EATS,
-        if ats {
-            ste::EATS_TRANS
-        } else {
-            ste::EATS_ABT
-        },
-    ) | defs::prep(ste::SHCFG, ste::SHCFG_INCOMING);
+    e[1] = defs::prep(ste::EATS, if ats { ste::EATS_TRANS } else { ste::EATS_ABT })
+        | defs::prep(ste::SHCFG, ste::SHCFG_INCOMING);
     e[2] = defs::prep(ste::S2VMID, u64::from(vmid))
         | defs::prep(ste::VTCR, s2.vtcr)
         | ste::S2AA64
@@ -247,23 +241,9 @@ pub(crate) fn make_cdtable_ste(cd_pa: u64, e2h: bool, ats: bool, stall: bool) ->
         | defs::prep(ste::S1CIR, ste::S1C_CACHE_WBRA)
         | defs::prep(ste::S1COR, ste::S1C_CACHE_WBRA)
         | defs::prep(ste::S1CSH, 3)
-        | defs::prep(
-            ste::EATS,
-            if ats {
-                ste::EATS_TRANS
-            } else {
-                ste::EATS_ABT
-            },
-        )
+        | defs::prep(ste::EATS, if ats { ste::EATS_TRANS } else { ste::EATS_ABT })
         | if stall { 0 } else { ste::S1STALLD }
-        | defs::prep(
-            ste::STRW,
-            if e2h {
-                ste::STRW_EL2
-            } else {
-                ste::STRW_NSEL1
-            },
-        );
+        | defs::prep(ste::STRW, if e2h { ste::STRW_EL2 } else { ste::STRW_NSEL1 });
     e
 }
 
@@ -295,13 +275,8 @@ pub(crate) fn ste_used(e: &Entry) -> Entry {
     if cfg & 2 != 0 {
         // Stage 2 translates.
         u[1] |= ste::S2FWB | ste::EATS | ste::SHCFG | ste::MEV;
-        u[2] |= ste::S2VMID
-            | ste::VTCR
-            | ste::S2AA64
-            | ste::S2ENDI
-            | ste::S2PTW
-            | ste::S2S
-            | ste::S2R;
+        u[2] |=
+            ste::S2VMID | ste::VTCR | ste::S2AA64 | ste::S2ENDI | ste::S2PTW | ste::S2S | ste::S2R;
         u[3] |= ste::S2TTB;
     }
     if cfg == ste::CFG_BYPASS {

@@ -378,12 +378,10 @@ impl VSmmu {
 
     /// The VINTF page: (host physical address, mmap offset), for a CMDQV vIOMMU.
     pub fn vintf_page(&self) -> Option<(u64, u64)> {
-        self.vintf
-            .as_ref()
-            .map(|v| {
-                let v = v.lock();
-                (v.page(), v.mmap_offset())
-            })
+        self.vintf.as_ref().map(|v| {
+            let v = v.lock();
+            (v.page(), v.mmap_offset())
+        })
     }
 
     /// LVCMDQ_ERR_MAP of the VINTF (bit per logical queue with a pending error).

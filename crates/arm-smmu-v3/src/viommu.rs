@@ -229,7 +229,9 @@ impl VSmmu {
                 d0 = cmd::OP_TLBI_NH_ALL | vmid;
                 d1 = 0;
             }
-            cmd::OP_TLBI_NH_VA | cmd::OP_TLBI_NH_VAA | cmd::OP_TLBI_NH_ALL
+            cmd::OP_TLBI_NH_VA
+            | cmd::OP_TLBI_NH_VAA
+            | cmd::OP_TLBI_NH_ALL
             | cmd::OP_TLBI_NH_ASID => {
                 d0 = (d0 & !cmd::TLBI_0_VMID) | vmid;
             }
