@@ -54,7 +54,11 @@ fn btm_viommu_shares_the_pinned_kvm_vmid_and_releases_it_in_the_safe_order() {
     n.ictx.detach(n.dev_id, NO_PASID);
     n.ictx.destroy(n.nested).unwrap();
     n.ictx.destroy(n.vdev).unwrap();
-    assert_eq!(vm.vmid_pin_count(), 1, "the pin lives as long as the vIOMMU");
+    assert_eq!(
+        vm.vmid_pin_count(),
+        1,
+        "the pin lives as long as the vIOMMU"
+    );
     n.ictx.destroy(n.viommu).unwrap();
     assert_eq!(vm.vmid_pin_count(), 0);
     let trace = m.drv.take_trace();
@@ -82,12 +86,7 @@ fn btm_viommu_shares_the_pinned_kvm_vmid_and_releases_it_in_the_safe_order() {
         .expect("unpinned");
     assert!(ste_off < vmall && vmall < sync && sync < unpin, "{trace:?}");
     // Nothing tagged with the VMID survives in the SMMU TLB.
-    assert!(
-        m.smmu
-            .tlb_entries()
-            .iter()
-            .all(|e| e.ctx.vmid() != vmid)
-    );
+    assert!(m.smmu.tlb_entries().iter().all(|e| e.ctx.vmid() != vmid));
     assert_eq!(kvm.stats().leaked_pins, 0);
 }
 
@@ -114,7 +113,11 @@ fn two_viommus_of_one_vm_share_one_pin_reference_each() {
     assert_eq!(vm.vmid_pin_count(), 1);
     drop(b);
     drop(a);
-    assert_eq!(vm.vmid_pin_count(), 0, "closing the context releases the last pin");
+    assert_eq!(
+        vm.vmid_pin_count(),
+        0,
+        "closing the context releases the last pin"
+    );
 }
 
 fn bind(m: &Machine, c: &Iommufd, sid: u32, kvm: Option<KvmRef>) -> (Arc<Master>, ObjectId) {
@@ -128,7 +131,13 @@ fn bind(m: &Machine, c: &Iommufd, sid: u32, kvm: Option<KvmRef>) -> (Arc<Master>
 fn nest_parent(c: &Iommufd, dev: ObjectId) -> (ObjectId, ObjectId) {
     let ioas = c.ioas_alloc(0).unwrap();
     let h = c
-        .hwpt_alloc(hwpt_flags::NEST_PARENT, dev, ioas, &mut none_data(), ObjectId(0))
+        .hwpt_alloc(
+            hwpt_flags::NEST_PARENT,
+            dev,
+            ioas,
+            &mut none_data(),
+            ObjectId(0),
+        )
         .unwrap();
     (ioas, h)
 }
@@ -159,7 +168,11 @@ fn btm_requires_a_kvm_of_the_right_type_and_width() {
     let nopin = Kvm::new(KvmConfig::new(4).pinning(false)).unwrap();
     let (_d3, d) = bind(&m, &c, 4, Some(KvmRef::new(vm(&nopin))));
     assert_eq!(viommu(&c, d, s2), Err(Errno::EOPNOTSUPP));
-    assert_eq!(c.object_count(), objects + 3, "only the three DEVICEs were added");
+    assert_eq!(
+        c.object_count(),
+        objects + 3,
+        "only the three DEVICEs were added"
+    );
 
     // A 16-bit KVM with an 8-bit SMMU: EOPNOTSUPP too.
     let m8 = Machine::new(
@@ -251,7 +264,11 @@ fn pinned_vmid_survives_rollovers() {
     }
     assert!(kvm.stats().rollovers >= 2, "{:?}", kvm.stats());
     let mut vcpu = guest_vm.create_vcpu();
-    assert_eq!(vcpu.load(2).unwrap().vmid.get(), vmid, "pinned: same number");
+    assert_eq!(
+        vcpu.load(2).unwrap().vmid.get(),
+        vmid,
+        "pinned: same number"
+    );
     vcpu.put().unwrap();
     // No other VM was given the pinned number.
     for o in &others {
