@@ -643,6 +643,27 @@ pub mod build {
     pub fn tlbi_el2_all() -> CmdqEntry {
         CmdqEntry([tlbi(op::TLBI_EL2_ALL, 0, 0), 0])
     }
+    pub fn tlbi_el2_asid(asid: u16) -> CmdqEntry {
+        CmdqEntry([tlbi(op::TLBI_EL2_ASID, 0, asid), 0])
+    }
+    pub fn tlbi_el2_va(asid: u16, va: u64, leaf: bool) -> CmdqEntry {
+        CmdqEntry([
+            tlbi(op::TLBI_EL2_VA, 0, asid),
+            CmdTlbiDw1::new()
+                .with_leaf(leaf)
+                .with_addr(va >> 12)
+                .into_bits(),
+        ])
+    }
+    pub fn tlbi_el2_vaa(va: u64, leaf: bool) -> CmdqEntry {
+        CmdqEntry([
+            tlbi(op::TLBI_EL2_VAA, 0, 0),
+            CmdTlbiDw1::new()
+                .with_leaf(leaf)
+                .with_addr(va >> 12)
+                .into_bits(),
+        ])
+    }
     pub fn sync() -> CmdqEntry {
         CmdqEntry([u64::from(op::SYNC), 0])
     }

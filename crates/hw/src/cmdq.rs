@@ -157,6 +157,7 @@ impl Smmu {
                 skip_aset: false,
                 range: Some(addr.span()),
             }),
+            // IHI0070 4.4.2.7: every EL2 entry, ASID-tagged (EL2-E2H) or not.
             Command::TlbiEl2All => self.invalidate(InvScope {
                 worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
                 kinds: InvScope::ALL_KINDS,
@@ -165,10 +166,12 @@ impl Smmu {
                 skip_aset: false,
                 range: None,
             }),
+            // IHI0070 4.4.2.10: non-global EL2-E2H entries of the ASID; EL2 entries have no
+            // ASID and are not required to be touched.
             Command::TlbiEl2Asid { asid } => self.invalidate(InvScope {
                 worlds: InvScope::world_bit(World::El2E2h),
                 kinds: InvScope::ALL_KINDS,
-                vmid: Some(0),
+                vmid: None,
                 asid: AsidMatch::NonGlobal(asid),
                 skip_aset: false,
                 range: None,
@@ -266,7 +269,8 @@ impl Smmu {
     }
 
     fn el2_va(&self, asid: Option<u16>, addr: TlbiAddr) {
-        // CR2.E2H selects the EL2-E2H world (ASID-matched) or EL2 (ASID ignored).
+        // IHI0070 4.4.2.8/9: CR2.E2H selects the EL2-E2H world (ASID matched, or global) or
+        // the EL2 world (ASID ignored); neither has a VMID.
         let e2h = self.tcu.read().live.cr2.e2h();
         let (world, m) = if e2h {
             (
@@ -279,7 +283,7 @@ impl Smmu {
         self.invalidate(InvScope {
             worlds: InvScope::world_bit(world),
             kinds: InvScope::ALL_KINDS,
-            vmid: Some(0),
+            vmid: None,
             asid: m,
             skip_aset: false,
             range: Some(addr.span()),

@@ -239,31 +239,39 @@ impl Smmu {
                 vmid: None,
                 ..base
             },
+            // EL2 scopes carry no VMID (IHI0070 3.17). ALLE2IS removes every EL2 entry,
+            // ASID-tagged or not (3.17: ASET = 1 EL2 entries too).
             Alle2is => InvScope {
-                worlds: el2,
+                worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
                 kinds: InvScope::ALL_KINDS,
                 vmid: None,
                 ..base
             },
+            // IHI0070 3.17.5: a PE in E2H mode supplies an ASID with its EL2 operations and
+            // reaches the EL2-E2H world; without E2H the EL2 world, whose entries have no
+            // ASID. Entries inserted with ASET = 1 need not follow VA-scoped broadcasts
+            // (3.17), and do not.
             Vae2is | Vale2is | Rvae2is | Rvale2is => InvScope {
                 worlds: el2,
                 kinds: InvScope::ALL_KINDS,
-                vmid: Some(0),
+                vmid: None,
                 asid: if cr2.e2h() {
                     AsidMatch::AsidOrGlobal(t.asid)
                 } else {
                     AsidMatch::Any
                 },
+                skip_aset: true,
                 range: Some(t.span()),
-                ..base
             },
+            // TLBI ASIDE1IS from a VHE host (HCR_EL2.{E2H,TGE} = {1,1}): non-global EL2-E2H
+            // entries of the ASID; EL2 entries have no ASID.
             Aside2is => InvScope {
                 worlds: InvScope::world_bit(World::El2E2h),
                 kinds: InvScope::ALL_KINDS,
-                vmid: Some(0),
+                vmid: None,
                 asid: AsidMatch::NonGlobal(t.asid),
                 skip_aset: true,
-                ..base
+                range: None,
             },
         };
         // Complete when this returns: `invalidate` publishes the new epoch (Release) that

@@ -562,10 +562,18 @@ impl Smmu {
             off::CR1 => self.regs.lock().cr1 = v & 0xfff,
             off::CR2 => {
                 let mut r = self.regs.lock();
+                let old = r.cr2;
                 r.cr2 = v & 0x7;
                 // E2H needs IDR0.HYP.
                 if !self.cfg.hyp {
                     r.cr2 &= !1;
+                }
+                if (old ^ r.cr2) & 1 != 0 {
+                    // CDs of EL2 streams decode differently under E2H (IHI0070 3.17.5 lets
+                    // a configuration cache hold E2H; this one drops what depends on it).
+                    let mut t = self.tcu.write();
+                    t.cd.clear();
+                    t.cfg_gen += 1;
                 }
                 self.refresh_live(&r);
             }

@@ -84,9 +84,17 @@ impl Ctx {
     pub fn global(self) -> Ctx {
         Ctx((self.0 & !0xffff) | (1 << 32))
     }
+    /// The key of the VMID index. EL2 regimes have no VMID (IHI0070 3.17): their contexts
+    /// are indexed under VMID 0 whatever the tag says, so an EL2 invalidation finds them
+    /// without naming a VMID.
     fn vmid_key(self) -> u32 {
-        u32::from(self.vmid()) | ((self.world() as u32) << 16)
+        vmid_key(self.world(), self.vmid())
     }
+}
+
+fn vmid_key(world: World, vmid: u16) -> u32 {
+    let v = if world == World::NsEl1 { vmid } else { 0 };
+    u32::from(v) | ((world as u32) << 16)
 }
 
 /// Permissions and levels of an entry: what a hit needs to re-check the access and, on a
@@ -222,7 +230,9 @@ impl InvScope {
     fn matches_ctx(&self, c: Ctx) -> bool {
         self.worlds & Self::world_bit(c.world()) != 0
             && self.kinds & Self::kind_bit(c.kind()) != 0
-            && self.vmid.is_none_or(|v| v == c.vmid())
+            // EL2 and EL2-E2H entries carry no VMID (IHI0070 3.17): the scope's VMID, if
+            // any, does not restrict them.
+            && (c.world() != World::NsEl1 || self.vmid.is_none_or(|v| v == c.vmid()))
             && !(self.skip_aset && c.aset())
             && match self.asid {
                 AsidMatch::Any => true,
@@ -457,26 +467,27 @@ impl Tlb {
     /// a range, those in the range).
     pub fn invalidate(&mut self, scope: &InvScope) -> usize {
         self.counters.invalidations += 1;
-        let ctxs: Vec<Ctx> = match scope.vmid {
-            Some(v) => {
-                let mut out = Vec::new();
-                for w in [World::NsEl1, World::El2, World::El2E2h] {
-                    if scope.worlds & InvScope::world_bit(w) == 0 {
-                        continue;
-                    }
-                    let key = u32::from(v) | ((w as u32) << 16);
-                    if let Some(set) = self.by_vmid.get(&key) {
-                        out.extend(set.iter().copied().filter(|c| scope.matches_ctx(*c)));
-                    }
+        let ns = scope.worlds & InvScope::world_bit(World::NsEl1) != 0;
+        // The VMID index serves every scope but an NS-EL1 one naming no VMID: EL2 contexts
+        // are all indexed under VMID 0.
+        let ctxs: Vec<Ctx> = if !ns || scope.vmid.is_some() {
+            let mut out = Vec::new();
+            for w in [World::NsEl1, World::El2, World::El2E2h] {
+                if scope.worlds & InvScope::world_bit(w) == 0 {
+                    continue;
                 }
-                out
+                let key = vmid_key(w, scope.vmid.unwrap_or(0));
+                if let Some(set) = self.by_vmid.get(&key) {
+                    out.extend(set.iter().copied().filter(|c| scope.matches_ctx(*c)));
+                }
             }
-            None => self
-                .ctxs
+            out
+        } else {
+            self.ctxs
                 .keys()
                 .copied()
                 .filter(|c| scope.matches_ctx(*c))
-                .collect(),
+                .collect()
         };
         let mut removed = 0usize;
         for c in ctxs {
@@ -713,25 +724,61 @@ mod tests {
         );
     }
 
+    #[test]
+    fn el2_scopes_ignore_vmids() {
+        let mut t = Tlb::new(16);
+        // Tagged with a VMID by a careless caller: EL2 regimes have none (IHI0070 3.17).
+        t.insert(entry(
+            Ctx::new(World::El2, Kind::S1, 9, None, false),
+            0x1000,
+            12,
+        ));
+        t.insert(entry(
+            Ctx::new(World::El2E2h, Kind::S1, 0, Some(4), false),
+            0x1000,
+            12,
+        ));
+        t.insert(entry(ctx(9, None), 0x1000, 12));
+        let el2 = InvScope {
+            worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
+            kinds: InvScope::ALL_KINDS,
+            vmid: Some(3),
+            asid: AsidMatch::Any,
+            skip_aset: false,
+            range: None,
+        };
+        assert_eq!(t.invalidate(&el2), 2);
+        assert_eq!(t.len(), 1, "the NS-EL1 entry of VMID 9 stays");
+        t.insert(entry(
+            Ctx::new(World::El2, Kind::S1, 0, None, false),
+            0x1000,
+            12,
+        ));
+        assert_eq!(t.invalidate(&InvScope { vmid: None, ..el2 }), 1);
+        assert_eq!(t.entries()[0].ctx.world(), World::NsEl1);
+    }
+
     proptest! {
         /// The indexed invalidation removes exactly what a full scan removes.
         #[test]
         fn indexed_invalidation_equals_scan(
-            ops in proptest::collection::vec((0u16..3, proptest::option::of(0u16..3), 0u64..64, prop_oneof![Just(12u8), Just(16u8), Just(21u8)]), 1..120),
+            ops in proptest::collection::vec((0u16..3, proptest::option::of(0u16..3), 0u64..64, prop_oneof![Just(12u8), Just(16u8), Just(21u8)], 0u8..3), 1..120),
             vmid in proptest::option::of(0u16..3),
+            worlds in 1u8..8,
             asid in 0u16..3,
             mode in 0u8..3,
             range in proptest::option::of((0u64..(64 << 13), 1u64..(16 << 13))),
         ) {
             let mut a = Tlb::new(64);
             let mut b = Tlb::new(64);
-            for (v, s, p, shift) in ops {
-                let e = entry(ctx(v, s), p << 13, shift);
+            for (v, s, p, shift, w) in ops {
+                let world = [World::NsEl1, World::El2, World::El2E2h][usize::from(w)];
+                let e = entry(Ctx::new(world, Kind::S1, v, s, false), p << 13, shift);
                 a.insert(e);
                 b.insert(e);
             }
             let scope = InvScope {
-                worlds: 1,
+                worlds,
                 kinds: InvScope::ALL_KINDS,
                 vmid,
                 asid: match mode { 0 => AsidMatch::Any, 1 => AsidMatch::NonGlobal(asid), _ => AsidMatch::AsidOrGlobal(asid) },

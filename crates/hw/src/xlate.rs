@@ -22,7 +22,7 @@ use hashbrown::HashMap;
 use rustc_hash::FxBuildHasher;
 use twinmmu_vmsa::{
     Access, AccessKind, FaultKind, S1Perms, S2Perms, Stage, WalkError, check_s1, check_s2,
-    select_ttb, walk_stage1, walk_stage2,
+    walk_stage1, walk_stage2_with,
 };
 
 use crate::cd::{ContextDescriptor, L1Cd, decode_cd};
@@ -728,15 +728,24 @@ impl Smmu {
                     }),
                 })
             }
-            (Some(sel), s2) => self.s1_translate(
-                txn,
-                &sel,
-                s2.as_ref(),
-                vmid,
-                access,
-                (privcfg, instcfg),
-                want_fill,
-            ),
+            (Some(sel), s2) => {
+                // IHI0070 13.4.1: an EL2 (non-E2H) stage 1 ignores AP[1] and checks every
+                // access as privileged, whatever PRIV and STE.PRIVCFG say.
+                let (access, privcfg) = if sel.world == World::El2 {
+                    (Access::new(access.kind, true), AttrOverride::Force(true))
+                } else {
+                    (access, privcfg)
+                };
+                self.s1_translate(
+                    txn,
+                    &sel,
+                    s2.as_ref(),
+                    vmid,
+                    access,
+                    (privcfg, instcfg),
+                    want_fill,
+                )
+            }
         }
     }
 
@@ -888,56 +897,8 @@ impl Smmu {
             }
             None => {
                 inc(&self.counters.tlb_misses);
-                let gen0 = self.tlb_gen.load(Ordering::Acquire);
-                inc(&self.counters.walks_s2);
-                let start = s2.walk.geometry().start_level();
-                let w = walk_stage2(&s2.walk, &WalkMem(&*self.mem), ipa);
-                let last = match &w {
-                    Ok(t) => Some(t.level),
-                    Err(f)
-                        if f.level >= start
-                            && !(f.level == 0
-                                && f.kind == FaultKind::Translation
-                                && ipa >> s2.ia_bits() != 0) =>
-                    {
-                        Some(f.level)
-                    }
-                    Err(_) => None,
-                };
-                if let Some(last) = last {
-                    for l in start..=last.min(3) {
-                        inc(&self.counters.desc_reads[4 + usize::from(l)]);
-                    }
-                }
-                let t = w.map_err(|f| self.s2_fault(s2, f, ipa, class))?;
-                // Device memory: MemAttr[3:2] = 0b00 (FWB not implemented).
-                let device = t.attrs.mem_attr & 0b1100 == 0;
-                let h = S2Hit {
-                    pa: t.output,
-                    in_base: t.input_base(),
-                    shift: t.block_shift,
-                    out_base: t.output_base(),
-                    perms: t.perms,
-                    level: t.level,
-                    device,
-                    tg_shift: t.granule.bits() as u8,
-                };
-                self.tlb_insert(
-                    TlbEntry {
-                        ctx,
-                        in_base: h.in_base,
-                        shift: h.shift,
-                        out_base: h.out_base,
-                        ipa_base: h.in_base,
-                        tg_shift: h.tg_shift,
-                        perms: EntryPerms {
-                            s1: None,
-                            s2: Some((h.perms, h.level, h.device)),
-                        },
-                    },
-                    gen0,
-                );
-                h
+                self.s2_walk(s2, ipa, ctx)
+                    .map_err(|f| self.s2_fault(s2, f, ipa, class))?
             }
         };
         if check_s2(h.perms, access).is_err() {
@@ -982,7 +943,7 @@ impl Smmu {
     fn cd_config(
         &self,
         txn: &Transaction,
-        _live: &Live,
+        live: &Live,
         s1: &S1Ctx,
         s2: Option<&S2Config>,
         idx: u32,
@@ -1037,10 +998,12 @@ impl Smmu {
                 .read_u64(a)
                 .map_err(|_| Fail::Fault(XFault::fetch(EventType::FCdFetch, a)))?;
         }
-        let world = if s1.world == StreamWorld::El2 {
-            StreamWorld::El2
-        } else {
-            StreamWorld::NsEl1
+        // STRW = EL2 is the EL2-E2H world while CR2.E2H = 1 (IHI0070 3.17.5): its CDs have
+        // two VA ranges and an ASID, as an EL1 CD does.
+        let world = match s1.world {
+            StreamWorld::NsEl1 => StreamWorld::NsEl1,
+            StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => StreamWorld::El2E2h,
+            StreamWorld::El2 | StreamWorld::El2E2h => StreamWorld::El2,
         };
         let cd = decode_cd(&ContextDescriptor::from_dwords(d), world, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadCd)))?;
@@ -1114,13 +1077,14 @@ impl Smmu {
             va
         };
         let kind = if s2.is_some() { Kind::Nested } else { Kind::S1 };
-        // EL2 (non-E2H) entries have no ASID; NS-EL1 entries carry the VMID.
-        let (vm, asid) = match sel.world {
-            World::NsEl1 => (vmid, Some(sel.cd.asid)),
-            World::El2 => (0, None),
-            World::El2E2h => (0, Some(sel.cd.asid)),
+        // IHI0070 3.17: NS-EL1 entries carry the VMID and (non-global) the ASID; EL2-E2H
+        // entries the ASID only; EL2 entries neither, nor an ASET (permitted, not required).
+        let (vm, asid, aset) = match sel.world {
+            World::NsEl1 => (vmid, Some(sel.cd.asid), sel.cd.aset),
+            World::El2 => (0, None, false),
+            World::El2E2h => (0, Some(sel.cd.asid), sel.cd.aset),
         };
-        let ctx = Ctx::new(sel.world, kind, vm, asid, sel.cd.aset);
+        let ctx = Ctx::new(sel.world, kind, vm, asid, aset);
         let cached = self.tlb.read().lookup(ctx, key_va);
         let entry = match cached {
             Some(e) => {
@@ -1176,22 +1140,22 @@ impl Smmu {
     ) -> Result<TlbEntry, Fail> {
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
         inc(&self.counters.walks_s1);
-        let start = match select_ttb(&sel.cd.walk, va) {
-            Ok((_, region)) => Some(region.geometry.start_level()),
-            Err(_) => None,
-        };
         let mem = WalkMem(&*self.mem);
         let w = match s2 {
             None => {
-                walk_stage1(&sel.cd.walk, &mem, &mut twinmmu_vmsa::Direct, va).map_err(
-                    |e| match e {
-                        WalkError::Fault(f) => Ok(f),
-                        WalkError::TableFetch { error, .. } => match error {},
-                    },
-                )
+                // The hook sees each descriptor address before it is read: an exact count
+                // of the reads per level.
+                let mut count = |pa: u64, level: u8| -> Result<u64, std::convert::Infallible> {
+                    inc(&self.counters.desc_reads[usize::from(level & 3)]);
+                    Ok(pa)
+                };
+                walk_stage1(&sel.cd.walk, &mem, &mut count, va).map_err(|e| match e {
+                    WalkError::Fault(f) => Ok(f),
+                    WalkError::TableFetch { error, .. } => match error {},
+                })
             }
             Some(s2c) => {
-                let mut hook = |ipa: u64, _level: u8| -> Result<u64, Fail> {
+                let mut hook = |ipa: u64, level: u8| -> Result<u64, Fail> {
                     // Each stage-1 table address is an IPA translated by stage 2: CLASS = TT
                     // (IHI0070 3.3.3, 7.3.13).
                     let h = self.s2_translate(
@@ -1210,6 +1174,7 @@ impl Smmu {
                             FaultClass::Tt,
                         ));
                     }
+                    inc(&self.counters.desc_reads[usize::from(level & 3)]);
                     Ok(h.pa)
                 };
                 walk_stage1(&sel.cd.walk, &mem, &mut hook, va).map_err(|e| match e {
@@ -1218,23 +1183,25 @@ impl Smmu {
                 })
             }
         };
-        let last = match &w {
-            Ok(t) => Some(t.level),
-            Err(Ok(f)) => Some(f.level),
-            Err(Err(_)) => None,
-        };
-        if let (Some(start), Some(last)) = (start, last) {
-            for l in start..=last.min(3) {
-                inc(&self.counters.desc_reads[usize::from(l)]);
-            }
-        }
         let t = match w {
             Ok(t) => t,
             Err(Ok(f)) => return Err(self.s1_fault(sel, f)),
             Err(Err(fail)) => return Err(fail),
         };
-        let s1perms: S1Perms = t.perms;
-        let ctl = sel.cd.walk.controls();
+        let (s1perms, ctl) = if sel.world == World::El2 {
+            // The EL2 regime (DDI0487 D8.4): one XN bit (bit 54, UXN's place, with
+            // XNTable), no EL0 permission, no PXN and no PAN.
+            let p = t.perms;
+            (
+                S1Perms::new(p.read_only(), false, p.uxn(), p.uxn()),
+                twinmmu_vmsa::S1Controls {
+                    wxn: sel.cd.walk.controls().wxn,
+                    pan: false,
+                },
+            )
+        } else {
+            (t.perms, sel.cd.walk.controls())
+        };
         // Global (nG = 0) entries are tagged with no ASID.
         let ectx = if t.global { ctx.global() } else { ctx };
         let e = match s2 {
@@ -1297,23 +1264,27 @@ impl Smmu {
             });
         }
         inc(&self.counters.tlb_misses);
+        self.s2_walk(s2, ipa, ctx)
+            .map_err(|f| self.s2_fault(s2, f, ipa, FaultClass::In))
+    }
+
+    /// Walks stage 2 for `ipa`, counting every descriptor read by level, and caches the
+    /// result as an S2 entry of `ctx` unless an invalidation ran meanwhile.
+    fn s2_walk(&self, s2: &S2Config, ipa: u64, ctx: Ctx) -> Result<S2Hit, twinmmu_vmsa::Fault> {
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
         inc(&self.counters.walks_s2);
-        let start = s2.walk.geometry().start_level();
-        let w = walk_stage2(&s2.walk, &WalkMem(&*self.mem), ipa);
-        if let Some(last) = match &w {
-            Ok(t) => Some(t.level),
-            Err(f) if !(f.kind == FaultKind::Translation && ipa >> s2.ia_bits() != 0) => {
-                Some(f.level)
-            }
-            Err(_) => None,
-        } {
-            for l in start..=last.min(3) {
-                inc(&self.counters.desc_reads[4 + usize::from(l)]);
-            }
-        }
-        let t = w.map_err(|f| self.s2_fault(s2, f, ipa, FaultClass::In))?;
-        let device = t.attrs.mem_attr & 0b1100 == 0;
+        let mut count = |pa: u64, level: u8| -> Result<u64, std::convert::Infallible> {
+            inc(&self.counters.desc_reads[4 + usize::from(level & 3)]);
+            Ok(pa)
+        };
+        let t =
+            walk_stage2_with(&s2.walk, &WalkMem(&*self.mem), &mut count, ipa).map_err(
+                |e| match e {
+                    WalkError::Fault(f) => f,
+                    WalkError::TableFetch { error, .. } => match error {},
+                },
+            )?;
+        // FEAT_S2FWB is not implemented: MemAttr[3:2] = 0b00 is Device.
         let h = S2Hit {
             pa: t.output,
             in_base: t.input_base(),
@@ -1321,7 +1292,7 @@ impl Smmu {
             out_base: t.output_base(),
             perms: t.perms,
             level: t.level,
-            device,
+            device: t.attrs.is_device(),
             tg_shift: t.granule.bits() as u8,
         };
         self.tlb_insert(

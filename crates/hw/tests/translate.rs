@@ -186,3 +186,92 @@ fn ste_bypass_and_abort() {
     assert_eq!(m.smmu.translate(t), Outcome::Abort);
     assert!(m.events().is_empty(), "STE abort records nothing");
 }
+
+#[test]
+fn descriptor_reads_are_counted_per_level_exactly() {
+    let mut m = Machine::new(SmmuConfig::default());
+    let mem = m.mem.clone();
+    let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
+    b.map(0x1000, DATA, 0x1000, urw()).unwrap();
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, b.root(), 1));
+    m.set_ste(1, &s1_ste(CDS, 0, 1));
+    let t = |va| Transaction::new(1, None, va, AccessKind::Read, false);
+    // A 4-level walk: one read at each level.
+    assert!(matches!(
+        m.smmu.translate(t(0x1000)),
+        Outcome::Translated { .. }
+    ));
+    assert_eq!(m.smmu.stats().desc_reads, [[1, 1, 1, 1], [0; 4]]);
+    // An invalid level-0 descriptor: one read, at level 0.
+    assert!(matches!(
+        m.smmu.translate(t(1 << 40)),
+        Outcome::Fault { .. }
+    ));
+    assert_eq!(m.smmu.stats().desc_reads, [[2, 1, 1, 1], [0; 4]]);
+    // Outside the 48-bit range: a level-0 Translation fault before any read.
+    assert!(matches!(
+        m.smmu.translate(t(1 << 50)),
+        Outcome::Fault { .. }
+    ));
+    assert_eq!(m.smmu.stats().desc_reads, [[2, 1, 1, 1], [0; 4]]);
+
+    // Nested (4K S2 from level 0, identity): the CD fetch and each of the 4 S1 table
+    // addresses take a 4-read S2 walk; the S1 output one more; 4 S1 reads.
+    let mut m = Machine::new(SmmuConfig::default());
+    let mem = m.mem.clone();
+    let mut s2 = s2_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48, 0);
+    let s1_tables = m.alloc(0x40_0000);
+    s2.map(s1_tables, s1_tables, 0x40_0000, S2LeafAttrs::rw().bits())
+        .unwrap();
+    s2.map(CDS, CDS, 0x1000, S2LeafAttrs::rw().bits()).unwrap();
+    s2.map(DATA, DATA, 0x1000, S2LeafAttrs::rw().bits())
+        .unwrap();
+    let mut s1 = s1_builder(&mem, s1_tables, Granule::Size4K, 48);
+    s1.map(0x1000, DATA, 0x1000, urw()).unwrap();
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, s1.root(), 1));
+    let mut ste = s2_ste(Granule::Size4K, 48, 0, s2.root(), 3);
+    ste.dw0 = SteDw0::new()
+        .with_v(true)
+        .with_config(0b111)
+        .with_s1_context_ptr(CDS >> 6);
+    m.set_ste(1, &ste);
+    assert!(matches!(m.smmu.translate(t(0x1000)), Outcome::Translated { pa } if pa == DATA));
+    let st = m.smmu.stats();
+    assert_eq!(st.desc_reads[0], [1, 1, 1, 1]);
+    // S2 walks for the CD page, the S1 table pages (the builder maps their 4 MiB with 2 MiB
+    // blocks, so they share S2 entries and end at level 2) and the output page (level 3):
+    // one read per level down to where each walk ended.
+    assert_eq!(st.walks_s2, 3);
+    assert_eq!(st.desc_reads[1], [3, 3, 3, 2]);
+
+    // A stage-2 fault on the level-2 table's IPA: stage 1 read levels 0 and 1 before it.
+    let mut m = Machine::new(SmmuConfig::default());
+    let mem = m.mem.clone();
+    let mut s2 = s2_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48, 0);
+    let s1_tables = m.alloc(0x40_0000);
+    let mut s1 = s1_builder(&mem, s1_tables, Granule::Size4K, 48);
+    s1.map(0x1000, DATA, 0x1000, urw()).unwrap();
+    // The builder took the root, then the level-1, -2 and -3 tables, in that order.
+    s2.map(s1_tables, s1_tables, 0x2000, S2LeafAttrs::rw().bits())
+        .unwrap();
+    s2.map(CDS, CDS, 0x1000, S2LeafAttrs::rw().bits()).unwrap();
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, s1.root(), 1));
+    let mut ste = s2_ste(Granule::Size4K, 48, 0, s2.root(), 3);
+    ste.dw0 = SteDw0::new()
+        .with_v(true)
+        .with_config(0b111)
+        .with_s1_context_ptr(CDS >> 6);
+    m.set_ste(1, &ste);
+    assert!(matches!(
+        m.smmu.translate(t(0x1000)),
+        Outcome::Fault {
+            event: twinmmu_hw::EventType::FTranslation,
+            ..
+        }
+    ));
+    let st = m.smmu.stats();
+    assert_eq!(st.desc_reads[0], [1, 1, 0, 0]);
+    // The CD, the root, the level-1 table and the failing level-2 table IPA.
+    assert_eq!(st.walks_s2, 4);
+    assert_eq!(st.desc_reads[1], [4, 4, 4, 4]);
+}

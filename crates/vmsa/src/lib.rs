@@ -34,5 +34,5 @@ pub use perms::{
 };
 pub use walk::{
     Direct, Fault, FaultKind, S1MemAttrs, S1Translation, S2MemAttrs, S2Translation, Stage,
-    TableHook, Translation, WalkError, select_ttb, walk_stage1, walk_stage2,
+    TableHook, Translation, WalkError, select_ttb, walk_stage1, walk_stage2, walk_stage2_with,
 };

@@ -130,6 +130,22 @@ pub struct S2MemAttrs {
     pub sh: u8,
 }
 
+impl S2MemAttrs {
+    /// Whether stage 2 maps Device memory. Without FEAT_S2FWB, MemAttr[3:2] = 0b00 is
+    /// Device (MemAttr[1:0] the nGnRnE..GRE kind) and anything else Normal (DDI0487 D8.5.5,
+    /// stage 2 MemAttr). This is what STE.S2PTW checks a stage-1 walk against (IHI0070
+    /// 5.2).
+    pub const fn is_device(&self) -> bool {
+        self.mem_attr & 0b1100 == 0
+    }
+
+    /// [`S2MemAttrs::is_device`] under FEAT_S2FWB (HCR_EL2.FWB / STE.S2FWB = 1), where
+    /// MemAttr[2] = 0 is Device and MemAttr[2] = 1 forces a Normal type.
+    pub const fn is_device_fwb(&self) -> bool {
+        self.mem_attr & 0b0100 == 0
+    }
+}
+
 /// A successful walk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Translation<P, A> {
@@ -376,11 +392,28 @@ pub fn walk_stage2<M: Memory + ?Sized>(
     mem: &M,
     ipa: u64,
 ) -> Result<S2Translation, Fault> {
+    walk_stage2_with(cfg, mem, &mut Direct, ipa).map_err(|e| match e {
+        WalkError::Fault(f) => f,
+        WalkError::TableFetch { error, .. } => match error {},
+    })
+}
+
+/// [`walk_stage2`] with a hook that sees every descriptor address (a PA) and its level
+/// before the descriptor is read, as [`walk_stage1`]'s does. A hook that only observes
+/// (returns the address unchanged) lets a caller count the descriptors read per level
+/// exactly: one call per read, none for an IPA out of range.
+#[inline]
+pub fn walk_stage2_with<M: Memory + ?Sized, H: TableHook>(
+    cfg: &Stage2Config,
+    mem: &M,
+    hook: &mut H,
+    ipa: u64,
+) -> Result<S2Translation, WalkError<H::Error>> {
     let geo = cfg.geometry;
     if ipa >> geo.ia_bits() != 0 {
-        return Err(Fault::new(FaultKind::Translation, 0, Stage::Stage2));
+        return Err(Fault::new(FaultKind::Translation, 0, Stage::Stage2).into());
     }
-    let leaf = match walk_tables(
+    let leaf = walk_tables(
         &geo,
         cfg.ttb,
         cfg.oa_bits,
@@ -388,16 +421,12 @@ pub fn walk_stage2<M: Memory + ?Sized>(
         false,
         Stage::Stage2,
         mem,
-        &mut Direct,
+        hook,
         ipa,
-    ) {
-        Ok(l) => l,
-        Err(WalkError::Fault(f)) => return Err(f),
-        Err(WalkError::TableFetch { error, .. }) => match error {},
-    };
+    )?;
     let d = leaf.desc;
     if !d.af() && cfg.af_fault {
-        return Err(Fault::new(FaultKind::AccessFlag, leaf.level, Stage::Stage2));
+        return Err(Fault::new(FaultKind::AccessFlag, leaf.level, Stage::Stage2).into());
     }
     Ok(Translation {
         input: ipa,

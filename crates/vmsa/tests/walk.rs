@@ -495,3 +495,106 @@ fn contiguous_hint_is_decoded() {
     assert!(t.contiguous);
     assert_eq!(t.contiguous_shift(), 16); // 16 × 4K
 }
+
+#[test]
+fn stage2_hook_sees_each_descriptor_read_with_its_level() {
+    let m = SparseMemory::new();
+    // 64K, 42-bit IPA, SL0 = 1 → L2 start, then L3.
+    let cfg = Stage2Config::new(&s2_params(0x100000, 22, 1, 1), &features()).unwrap();
+    w(&m, 0x100000 + 3 * 8, 0x200000 | 0b11);
+    w(
+        &m,
+        0x200000 + 2 * 8,
+        0x3_0000 | (0b11 << 6) | (1 << 10) | 0b11,
+    );
+    let ipa = (3 << 29) | (2 << 16) | 0x42;
+    let mut seen = Vec::new();
+    let mut hook = |pa: u64, level: u8| -> Result<u64, ()> {
+        seen.push((pa, level));
+        Ok(pa)
+    };
+    let t = walk_stage2_with(&cfg, &m, &mut hook, ipa).unwrap();
+    assert_eq!(t.output, 0x3_0042);
+    assert_eq!(seen, vec![(0x100000 + 3 * 8, 2), (0x200000 + 2 * 8, 3)]);
+    // A fault at the second level: both reads happened.
+    w(&m, 0x200000 + 2 * 8, 0);
+    seen.clear();
+    let mut hook = |pa: u64, level: u8| -> Result<u64, ()> {
+        seen.push((pa, level));
+        Ok(pa)
+    };
+    assert_eq!(
+        walk_stage2_with(&cfg, &m, &mut hook, ipa),
+        Err(WalkError::Fault(Fault::new(
+            FaultKind::Translation,
+            3,
+            Stage::Stage2
+        )))
+    );
+    assert_eq!(seen.len(), 2);
+    // Out of range: a level-0 Translation fault with no read at all.
+    seen.clear();
+    let mut hook = |pa: u64, level: u8| -> Result<u64, ()> {
+        seen.push((pa, level));
+        Ok(pa)
+    };
+    assert!(walk_stage2_with(&cfg, &m, &mut hook, 1 << 42).is_err());
+    assert!(seen.is_empty());
+    // The hook may refuse a fetch.
+    let mut refuse = |_pa: u64, level: u8| -> Result<u64, u8> { Err(level) };
+    assert!(matches!(
+        walk_stage2_with(&cfg, &m, &mut refuse, ipa),
+        Err(WalkError::TableFetch {
+            level: 2,
+            error: 2,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn stage2_device_memory_by_mem_attr() {
+    // MemAttr[3:2] = 0b00: Device (nGnRnE 0b0000 .. GRE 0b0011); otherwise Normal.
+    for (bits, device) in [
+        (0b0000, true),
+        (0b0011, true),
+        (0b0100, false),
+        (0b1111, false),
+    ] {
+        let a = S2MemAttrs {
+            mem_attr: bits,
+            sh: 0,
+        };
+        assert_eq!(a.is_device(), device, "{bits:#06b}");
+    }
+    // FEAT_S2FWB: MemAttr[2] = 0 is Device.
+    for (bits, device) in [
+        (0b0000, true),
+        (0b0011, true),
+        (0b0100, false),
+        (0b0110, false),
+        (0b1011, true),
+    ] {
+        let a = S2MemAttrs {
+            mem_attr: bits,
+            sh: 0,
+        };
+        assert_eq!(a.is_device_fwb(), device, "{bits:#06b}");
+    }
+    // From a walked descriptor: MemAttr at bits [5:2].
+    let m = SparseMemory::new();
+    let cfg = Stage2Config::new(&s2_params(0x40000, 24, 1, 0), &features()).unwrap();
+    let ipa = 513u64 << 30;
+    w(
+        &m,
+        0x40000 + 513 * 8,
+        0x9_0000_0000 | (0b11 << 6) | (1 << 10) | (0b0001 << 2) | 0b01,
+    );
+    assert!(walk_stage2(&cfg, &m, ipa).unwrap().attrs.is_device());
+    w(
+        &m,
+        0x40000 + 513 * 8,
+        0x9_0000_0000 | (0b11 << 6) | (1 << 10) | (0b1111 << 2) | 0b01,
+    );
+    assert!(!walk_stage2(&cfg, &m, ipa).unwrap().attrs.is_device());
+}
