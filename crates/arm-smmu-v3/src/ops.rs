@@ -132,7 +132,7 @@ impl IommuDriver for ArmSmmuV3 {
             // The model's masters have no SubstreamIDs.
             return Err(Errno::EINVAL);
         }
-        let m = Arc::clone(dev).as_any_arc().ok_or(Errno::EINVAL)?;
+        let m = Arc::clone(dev).into_master().ok_or(Errno::EINVAL)?;
         m.attach(domain)
     }
 
@@ -154,11 +154,11 @@ impl IommuDriver for ArmSmmuV3 {
 
 /// `Arc<dyn IommuDevice>` → `Arc<Master>`.
 trait AsMasterArc {
-    fn as_any_arc(self) -> Option<Arc<Master>>;
+    fn into_master(self) -> Option<Arc<Master>>;
 }
 
 impl AsMasterArc for Arc<dyn IommuDevice> {
-    fn as_any_arc(self) -> Option<Arc<Master>> {
+    fn into_master(self) -> Option<Arc<Master>> {
         let any: Arc<dyn Any + Send + Sync> = self;
         any.downcast::<Master>().ok()
     }

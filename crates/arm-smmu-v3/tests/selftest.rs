@@ -172,7 +172,11 @@ impl F {
             assert_eq!(vm.kvm().stats().leaked_pins, 0);
         }
         let s = m.drv.stats();
-        assert_eq!((s.private_vmids, s.asids), (0, 0), "VMID/ASID left allocated");
+        assert_eq!(
+            (s.private_vmids, s.asids),
+            (0, 0),
+            "VMID/ASID left allocated"
+        );
         assert_eq!(
             get(ste::CFG, dev.ste().unwrap()[0]),
             ste::CFG_ABORT,
@@ -202,7 +206,13 @@ impl F {
 
     fn viommu(&self, s2: ObjectId) -> ObjectId {
         self.c
-            .viommu_alloc(0, viommu_type::ARM_SMMUV3, self.dev_id, s2, &mut none_data())
+            .viommu_alloc(
+                0,
+                viommu_type::ARM_SMMUV3,
+                self.dev_id,
+                s2,
+                &mut none_data(),
+            )
             .unwrap()
     }
 
@@ -246,10 +256,7 @@ impl F {
 
 fn get_hw_info(f: &F) {
     let mut buf = [0xffu8; 48];
-    let r = f
-        .c
-        .get_hw_info(0, f.dev_id, 0, 48, Some(&mut buf))
-        .unwrap();
+    let r = f.c.get_hw_info(0, f.dev_id, 0, 48, Some(&mut buf)).unwrap();
     assert_eq!(r.out_data_type, hw_info::TYPE_ARM_SMMUV3);
     assert_eq!(r.data_len, HW_INFO_ARM_SMMUV3_SIZE as u32);
     assert_eq!(r.out_capabilities, 0, "no dirty tracking without HTTU");
@@ -271,7 +278,13 @@ fn get_hw_info(f: &F) {
     );
     assert_eq!(r.unwrap().out_data_type, hw_info::TYPE_ARM_SMMUV3);
     assert_eq!(
-        f.c.get_hw_info(hw_info::FLAG_INPUT_TYPE, f.dev_id, hw_info::TYPE_INTEL_VTD, 0, None),
+        f.c.get_hw_info(
+            hw_info::FLAG_INPUT_TYPE,
+            f.dev_id,
+            hw_info::TYPE_INTEL_VTD,
+            0,
+            None
+        ),
         Err(Errno::EOPNOTSUPP)
     );
     let cmdqv = f.m.drv.options().cmdqv.is_some();
@@ -305,7 +318,12 @@ fn hwpt_alloc_paging(f: &F) {
     if f.nesting {
         let np = np.unwrap();
         let d = c.paging_domain(np).unwrap();
-        assert!(d.as_any().downcast_ref::<S2Domain>().unwrap().is_nest_parent());
+        assert!(
+            d.as_any()
+                .downcast_ref::<S2Domain>()
+                .unwrap()
+                .is_nest_parent()
+        );
     } else {
         assert_eq!(np, Err(Errno::EOPNOTSUPP));
     }
@@ -423,7 +441,7 @@ fn attach_replace_detach(f: &F) {
         }
     );
     dma_write(&f.m, SID, 0x9000, b"a").unwrap();
-    assert_eq!(c.replace(f.dev_id, NO_PASID, b), Ok(a));
+    assert_eq!(c.replace(f.dev_id, NO_PASID, b), Ok(b));
     dma_write(&f.m, SID, 0x9008, b"b").unwrap();
     assert_eq!(f.m.read(f.m.hpa(0x10_0000), 9), b"a\0\0\0\0\0\0\0b");
     assert_eq!(c.destroy(b), Err(Errno::EBUSY), "attached");
@@ -488,17 +506,16 @@ fn viommu_negative_tests(f: &F) {
     );
     // A device that could make the guest's memory non-coherent (no CANWBS) on an SMMU
     // without S2FWB: no vIOMMU.
-    let nc = f
-        .m
-        .drv
-        .add_master(
-            SID + 1,
-            MasterOptions {
-                canwbs: false,
-                ..MasterOptions::default()
-            },
-        )
-        .unwrap();
+    let nc =
+        f.m.drv
+            .add_master(
+                SID + 1,
+                MasterOptions {
+                    canwbs: false,
+                    ..MasterOptions::default()
+                },
+            )
+            .unwrap();
     let kvm = f.vm.as_ref().map(|v| KvmRef::new(Arc::clone(v)));
     let nc_id = c
         .bind_device(Arc::clone(&nc) as Arc<dyn IommuDevice>, kvm)
@@ -533,19 +550,19 @@ fn nested_ste_fields(f: &F) {
     let good0 = 1 | (5 << 1) | cd;
     // Every field a guest may not set, alone: EIO.
     let bad: &[[u64; 2]] = &[
-        [good0 | (1 << 52), 0],           // S1ContextPtr above bit 51
-        [good0 | (1 << 56), 0],           // reserved dword-0 bits
-        [good0, ste::STRW],               // StreamWorld
-        [good0, ste::S2FWB],              // S2FWB
-        [good0, ste::MEV],                // MEV is the host's
-        [good0, ste::SHCFG],              // attribute overrides
-        [good0, 1 << 8],                  // S2HWU
-        [good0, 2 << 28],                 // EATS = S1CHK (split stage)
-        [good0, 3 << 28],                 // EATS reserved
-        [1 | (6 << 1), 0],                // Config = S2 translate
-        [1 | (7 << 1), 0],                // Config = nested
-        [1 | (1 << 1), 0],                // Config reserved
-        [1 | (3 << 1), 0],                // Config reserved
+        [good0 | (1 << 52), 0], // S1ContextPtr above bit 51
+        [good0 | (1 << 56), 0], // reserved dword-0 bits
+        [good0, ste::STRW],     // StreamWorld
+        [good0, ste::S2FWB],    // S2FWB
+        [good0, ste::MEV],      // MEV is the host's
+        [good0, ste::SHCFG],    // attribute overrides
+        [good0, 1 << 8],        // S2HWU
+        [good0, 2 << 28],       // EATS = S1CHK (split stage)
+        [good0, 3 << 28],       // EATS reserved
+        [1 | (6 << 1), 0],      // Config = S2 translate
+        [1 | (7 << 1), 0],      // Config = nested
+        [1 | (1 << 1), 0],      // Config reserved
+        [1 | (3 << 1), 0],      // Config reserved
         [good0 | (1 << 2) | (7 << 60), 0],
     ];
     let objects = f.c.object_count();
@@ -601,28 +618,29 @@ fn nested_ste_fields(f: &F) {
     // The allowed fields, all of them: accepted (EATS 0 or 1).
     let all0 = good0 | (2 << 4) | (0x1f << 59);
     let all1 = ste::S1DSS | ste::S1CIR | ste::S1COR | ste::S1CSH | ste::S1STALLD | (1 << 28);
-    let vmid = f
-        .vsmmu(v)
-        .as_any()
-        .downcast_ref::<VSmmu>()
-        .unwrap()
-        .vmid();
+    let vmid = f.vsmmu(v).as_any().downcast_ref::<VSmmu>().unwrap().vmid();
     let s1 = f.nested_hwpt(v, [all0, all1]).unwrap();
     f.c.attach(f.dev_id, NO_PASID, s1).unwrap();
     let p = f.dev.ste().unwrap();
     assert_eq!(get(ste::CFG, p[0]), ste::CFG_NESTED);
-    assert_eq!(p[0] & !ste::CFG, all0 & !ste::CFG, "guest dword-0 fields kept");
-    assert_eq!(p[1] & ste::DW1_NESTING_ALLOWED & !ste::EATS, all1 & !ste::EATS);
+    assert_eq!(
+        p[0] & !ste::CFG,
+        all0 & !ste::CFG,
+        "guest dword-0 fields kept"
+    );
+    assert_eq!(
+        p[1] & ste::DW1_NESTING_ALLOWED & !ste::EATS,
+        all1 & !ste::EATS
+    );
     assert_ne!(p[1] & ste::MEV, 0, "events merged");
     assert_eq!(get(ste::S2VMID, p[2]), u64::from(vmid));
-    let s2_ttb = f
-        .c
-        .paging_domain(s2)
-        .unwrap()
-        .as_any()
-        .downcast_ref::<S2Domain>()
-        .unwrap()
-        .ttb();
+    let s2_ttb =
+        f.c.paging_domain(s2)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<S2Domain>()
+            .unwrap()
+            .ttb();
     assert_eq!(p[3] & ste::S2TTB, s2_ttb, "the parent's stage 2");
     // Bypass: stage 2 only with the vIOMMU's VMID. Abort and V = 0 (any garbage): abort.
     let byp = f.nested_hwpt(v, [1 | (4 << 1), 0]).unwrap();
@@ -663,13 +681,7 @@ fn invalidate_conversion_and_errors(f: &F) {
         return;
     }
     let (_s2, v, _vd) = f.stack();
-    let vmid = u64::from(
-        f.vsmmu(v)
-            .as_any()
-            .downcast_ref::<VSmmu>()
-            .unwrap()
-            .vmid(),
-    );
+    let vmid = u64::from(f.vsmmu(v).as_any().downcast_ref::<VSmmu>().unwrap().vmid());
     f.m.drv.take_trace();
     // Accepted: converted with the vIOMMU's VMID / the physical SID.
     let ok = [
@@ -682,21 +694,24 @@ fn invalidate_conversion_and_errors(f: &F) {
         gcmd::cfgi_cd_all(0x31),
     ];
     assert_eq!(f.invalidate(v, &ok), (Ok(()), ok.len() as u32));
-    let issued: Vec<[u64; 2]> = f
-        .m
-        .drv
-        .take_trace()
-        .into_iter()
-        .filter_map(|e| match e {
-            TraceEvent::Cmd(c) if get(cmd::OP, c[0]) != cmd::OP_SYNC => Some(c),
-            _ => None,
-        })
-        .collect();
+    let issued: Vec<[u64; 2]> =
+        f.m.drv
+            .take_trace()
+            .into_iter()
+            .filter_map(|e| match e {
+                TraceEvent::Cmd(c) if get(cmd::OP, c[0]) != cmd::OP_SYNC => Some(c),
+                _ => None,
+            })
+            .collect();
     assert_eq!(issued.len(), ok.len());
     for c in &issued[..5] {
         assert_eq!(get(cmd::TLBI_0_VMID, c[0]), vmid, "VMID forced: {c:#x?}");
     }
-    assert_eq!(get(cmd::OP, issued[4][0]), cmd::OP_TLBI_NH_ALL, "NSNH_ALL → NH_ALL");
+    assert_eq!(
+        get(cmd::OP, issued[4][0]),
+        cmd::OP_TLBI_NH_ALL,
+        "NSNH_ALL → NH_ALL"
+    );
     assert_eq!(get(cmd::SID, issued[5][0]), u64::from(SID), "vSID → pSID");
     assert_eq!(get(cmd::SID, issued[6][0]), u64::from(SID));
     // Rejected: anything else, EIO with entry_num = the entries handled before it.
@@ -704,11 +719,11 @@ fn invalidate_conversion_and_errors(f: &F) {
         gcmd::cfgi_ste(0x31),
         gcmd::tlbi_s12_vmall(1),
         gcmd::sync(),
-        [0x2a, 0],    // TLBI_S2_IPA
-        [0x20, 0],    // TLBI_EL2_ALL
-        [0x01, 0],    // PREFETCH_CONFIG
-        [0x44, 0],    // RESUME
-        [0xff, 0],    // unknown opcode
+        [0x2a, 0],           // TLBI_S2_IPA
+        [0x20, 0],           // TLBI_EL2_ALL
+        [0x01, 0],           // PREFETCH_CONFIG
+        [0x44, 0],           // RESUME
+        [0xff, 0],           // unknown opcode
         gcmd::cfgi_cd(0x99), // unknown vSID
         gcmd::atc_inv(0x98),
     ] {
@@ -743,9 +758,7 @@ fn invalidate_batches(f: &F) {
     }
     let (_s2, v, _vd) = f.stack();
     f.m.drv.take_trace();
-    let cmds: Vec<[u64; 2]> = (0..130u64)
-        .map(|i| gcmd::tlbi_nh_va(1, i << 12))
-        .collect();
+    let cmds: Vec<[u64; 2]> = (0..130u64).map(|i| gcmd::tlbi_nh_va(1, i << 12)).collect();
     assert_eq!(f.invalidate(v, &cmds), (Ok(()), 130));
     let t = f.m.drv.take_trace();
     // 63 + 63 + 4, each batch followed by its CMD_SYNC.
@@ -770,20 +783,26 @@ fn destroy_ordering(f: &F) {
     }
     let (s2, v, vd) = f.stack();
     let n = f.nested_hwpt(v, [1 | (4 << 1), 0]).unwrap();
-    let q = f
-        .c
-        .veventq_alloc(0, v, veventq_type::ARM_SMMUV3, 4)
-        .unwrap();
+    let q =
+        f.c.veventq_alloc(0, v, veventq_type::ARM_SMMUV3, 4)
+            .unwrap();
     f.c.attach(f.dev_id, NO_PASID, n).unwrap();
     assert_eq!(f.c.destroy(s2), Err(Errno::EBUSY), "vIOMMU on it");
-    assert_eq!(f.c.destroy(v), Err(Errno::EBUSY), "nested HWPT, vDEVICE, vEVENTQ on it");
+    assert_eq!(
+        f.c.destroy(v),
+        Err(Errno::EBUSY),
+        "nested HWPT, vDEVICE, vEVENTQ on it"
+    );
     assert_eq!(f.c.destroy(n), Err(Errno::EBUSY), "attached");
     f.c.detach(f.dev_id, NO_PASID);
     f.c.destroy(n).unwrap();
     assert_eq!(f.c.destroy(v), Err(Errno::EBUSY));
     f.c.destroy(vd).unwrap();
-    assert_eq!(f.c.destroy(v), Err(Errno::EBUSY), "vEVENTQ fd open");
+    assert_eq!(f.c.destroy(v), Err(Errno::EBUSY), "vEVENTQ on it");
+    let qid = q.id();
+    assert_eq!(f.c.destroy(qid), Err(Errno::EBUSY), "its fd is open");
     drop(q);
+    f.c.destroy(qid).unwrap();
     f.c.destroy(v).unwrap();
     f.c.destroy(s2).unwrap();
 }
@@ -800,7 +819,10 @@ fn vdevice_tombstone(f: &F) {
     assert!(f.c.is_tombstone(vd));
     assert_eq!(get(ste::CFG, f.dev.ste().unwrap()[0]), ste::CFG_ABORT);
     // Converting a command that names the vanished vSID: EIO.
-    assert_eq!(f.invalidate(v, &[gcmd::cfgi_cd(0x31)]), (Err(Errno::EIO), 0));
+    assert_eq!(
+        f.invalidate(v, &[gcmd::cfgi_cd(0x31)]),
+        (Err(Errno::EIO), 0)
+    );
     f.c.destroy(n).unwrap();
 }
 
@@ -812,7 +834,12 @@ fn ste_updates_are_never_torn(f: &F) {
     let mut cur = f.dev.ste().unwrap();
     let record = |f: &F, cur: &mut [u64; 8], states: &mut Vec<[u64; 8]>| {
         for e in f.m.drv.take_trace() {
-            if let TraceEvent::SteWrite { sid: SID, index, value } = e {
+            if let TraceEvent::SteWrite {
+                sid: SID,
+                index,
+                value,
+            } = e
+            {
                 cur[index as usize] = value;
                 states.push(*cur);
             }
@@ -853,10 +880,9 @@ fn c_ops(f: &F) {
 fn close_with_everything_alive(f: &F) {
     // The teardown closes the context with a whole stack still live: release must tear it
     // down in dependency order (the fixture checks VMIDs, pins, frames, STE afterwards).
-    let a = f
-        .c
-        .hwpt_alloc(0, f.dev_id, f.ioas, &mut none_data(), ObjectId(0))
-        .unwrap();
+    let a =
+        f.c.hwpt_alloc(0, f.dev_id, f.ioas, &mut none_data(), ObjectId(0))
+            .unwrap();
     f.c.ioas_map(FIXED, f.ioas, f.m.src(0x40_0000), 0x20_0000, 0x20_0000)
         .unwrap();
     if !f.nesting {
@@ -866,7 +892,9 @@ fn close_with_everything_alive(f: &F) {
     let (_s2, v, _vd) = f.stack();
     let n = f.nested_hwpt(v, [1 | (4 << 1), 0]).unwrap();
     f.c.attach(f.dev_id, NO_PASID, n).unwrap();
-    let _q = f.c.veventq_alloc(0, v, veventq_type::ARM_SMMUV3, 2).unwrap();
+    let _q =
+        f.c.veventq_alloc(0, v, veventq_type::ARM_SMMUV3, 2)
+            .unwrap();
     dma_write(&f.m, SID, 0x20_0000, b"ok").unwrap();
 }
 
