@@ -9,8 +9,9 @@
 //! get the queue memory and does the operation"): [`VSmmu::kick`] is the doorbell (an
 //! ioeventfd on the page). Only TLBI_NH_ASID, TLBI_NH_VA, ATC_INV and CMD_SYNC are accepted
 //! (§5.4), with the VINTF's VMID forced and the StreamID replaced through the VINTF's
-//! SID_MATCH/SID_REPLACE slots (the vDEVICEs); they are issued to the main command queue in
-//! batches, each ending with a CMD_SYNC, before CONS moves past them. Anything else stops the
+//! SID_MATCH/SID_REPLACE slots (the vDEVICEs); they are issued to the main command queue,
+//! one host CMD_SYNC per guest CMD_SYNC (and one at the end of what PROD published), and CONS
+//! moves past them only once that SYNC has completed. Anything else stops the
 //! queue at that command with CONS.ERR = CERROR_ILL and a GERROR toggle on the queue's page,
 //! and the LVCMDQ error map is posted to the vIOMMU's TEGRA241_CMDQV vEVENTQ (§5.5). The guest
 //! recovers on its page (fix or skip the command, GERRORN = GERROR, kick).
@@ -314,17 +315,22 @@ impl Vintf {
                     break;
                 }
             };
-            match self.convert(drv, entry) {
+            let guest_sync = match self.convert(drv, entry) {
                 None => {
                     illegal = true;
                     break;
                 }
-                Some(Some(c)) => batch.push(c),
-                Some(None) => {}
-            }
+                Some(Some(c)) => {
+                    batch.push(c);
+                    false
+                }
+                Some(None) => true,
+            };
             cons = (cons + 1) & mask;
             consumed += 1;
-            if batch.len() == CMDQ_BATCH_ENTRIES - 1 {
+            // A guest CMD_SYNC completes once everything before it has: one host SYNC for
+            // the commands since the last one, then CONS may pass it.
+            if guest_sync {
                 if drv.issue_cmdlist(&batch, true).is_err() {
                     return consumed;
                 }
