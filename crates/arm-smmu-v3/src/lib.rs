@@ -46,7 +46,7 @@ pub use master::{MSI_IOVA_BASE, MSI_IOVA_LENGTH};
 pub use master::{Master, MasterOptions};
 pub use memory::{HwMemory, TableMem};
 pub use trace::TraceEvent;
-pub use vcmdq::{VCMDQ_PAGE_SIZE, vcmdq_reg};
+pub use vcmdq::{HwQueueConsumer, VCMDQ_PAGE_SIZE, vcmdq_reg};
 pub use viommu::{ArmNestedDomain, VSmmu, VmidSource};
 
 /// `struct iommu_hw_info_arm_smmuv3` size: flags, __reserved, idr[6], iidr, aidr.

@@ -395,3 +395,74 @@ impl VSmmu {
         self.vintf.as_ref().map_or(0, |v| v.lock().err_map())
     }
 }
+
+/// The doorbell shared by the VMM side and a consumer thread.
+#[derive(Default)]
+struct Bell {
+    state: parking_lot::Mutex<(bool, bool)>,
+    cv: parking_lot::Condvar,
+}
+
+/// A host thread consuming a vIOMMU's HW queues whenever the doorbell rings (threads/003:
+/// "kvm captures the store … and triggers the eventfd; the kernel reads the cons index after
+/// the eventfd … and does the operation async"). Dropping it stops the thread.
+pub struct HwQueueConsumer {
+    bell: std::sync::Arc<Bell>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HwQueueConsumer {
+    /// Ring the doorbell (the ioeventfd of a PROD/CONFIG/GERRORN store); returns at once.
+    pub fn ring(&self) {
+        self.bell.state.lock().0 = true;
+        self.bell.cv.notify_one();
+    }
+}
+
+impl Drop for HwQueueConsumer {
+    fn drop(&mut self) {
+        self.bell.state.lock().1 = true;
+        self.bell.cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl VSmmu {
+    /// Starts a consumer thread for this vIOMMU's HW queues (`None` without a VINTF). The
+    /// thread holds the vIOMMU weakly: it ends when the vIOMMU is gone.
+    pub fn spawn_consumer(&self) -> Option<HwQueueConsumer> {
+        self.vintf.as_ref()?;
+        let bell = std::sync::Arc::new(Bell::default());
+        let b = std::sync::Arc::clone(&bell);
+        let me = self.me.clone();
+        let thread = std::thread::Builder::new()
+            .name("vcmdq-consumer".into())
+            .spawn(move || {
+                loop {
+                    {
+                        let mut s = b.state.lock();
+                        while !s.0 && !s.1 {
+                            b.cv.wait(&mut s);
+                        }
+                        if s.1 {
+                            return;
+                        }
+                        s.0 = false;
+                    }
+                    match me.upgrade() {
+                        Some(v) if !v.is_destroyed() => {
+                            v.kick();
+                        }
+                        _ => return,
+                    }
+                }
+            })
+            .ok()?;
+        Some(HwQueueConsumer {
+            bell,
+            thread: Some(thread),
+        })
+    }
+}

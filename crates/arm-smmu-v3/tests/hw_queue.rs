@@ -444,3 +444,61 @@ fn vintf_sid_slots_run_out() {
     c.destroy(a).unwrap();
     c.vdevice_alloc(v, ids[2], 3).unwrap();
 }
+
+#[test]
+fn a_consumer_thread_drains_the_ring_on_the_doorbell() {
+    let mut h = Hq::new();
+    h.c.hw_queue_alloc(
+        0,
+        h.viommu,
+        hw_queue_type::TEGRA241_CMDQV,
+        0,
+        RING,
+        RING_LEN,
+    )
+    .unwrap();
+    let v = h.vsmmu();
+    let consumer = v
+        .as_any()
+        .downcast_ref::<VSmmu>()
+        .unwrap()
+        .spawn_consumer()
+        .unwrap();
+    h.wreg(0, vcmdq_reg::CONFIG, 1);
+    consumer.ring();
+    let wait = |h: &Hq, off: u64, want: u32| {
+        for _ in 0..2000 {
+            if h.rreg(0, off) & 0xfffff == want {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("register {off:#x} never became {want:#x}");
+    };
+    wait(&h, vcmdq_reg::STATUS, 1);
+    h.guest.map(VA, 0x20_0000, 0x1000);
+    dma_write(&h.m, 0x33, VA, b"one").unwrap();
+    h.guest.unmap(VA, 0x1000);
+    h.guest.map(VA, 0x22_0000, 0x1000);
+    let asid = h.guest.asid;
+    for _ in 0..100 {
+        // The guest waits for room in its ring (CONS is its view of the consumer).
+        for _ in 0..2000 {
+            let used = h.prod.wrapping_sub(h.rreg(0, vcmdq_reg::CONS)) & 0x1ff;
+            if used <= 256 - 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        h.post(&[
+            gcmd::tlbi_nh_va(asid, VA),
+            gcmd::tlbi_nh_asid(asid),
+            gcmd::sync(),
+        ]);
+        consumer.ring();
+    }
+    wait(&h, vcmdq_reg::CONS, h.prod);
+    dma_write(&h.m, 0x33, VA, b"two").unwrap();
+    assert_eq!(h.m.read(h.m.hpa(0x22_0000), 3), b"two");
+    drop(consumer);
+}
