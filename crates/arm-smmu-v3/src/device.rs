@@ -143,6 +143,8 @@ pub enum ProbeError {
     Gbpa,
     #[error("command queue: {0}")]
     Cmdq(#[from] CmdqError),
+    #[error("CMDQV shape not possible: {0}")]
+    Cmdqv(&'static str),
 }
 
 /// Counters of the driver's own work.
@@ -226,6 +228,21 @@ impl ArmSmmuV3 {
         opts: Options,
     ) -> Result<Arc<ArmSmmuV3>, ProbeError> {
         let mem = Arc::clone(smmu.memory());
+        if let Some(c) = opts.cmdqv {
+            // Every logical queue's registers must fit the VINTF page, and the LVCMDQ error
+            // map is 128 bits.
+            if c.lvcmdqs_per_vintf == 0
+                || u64::from(c.lvcmdqs_per_vintf) * crate::vcmdq::vcmdq_reg::STRIDE
+                    > crate::vcmdq::VCMDQ_PAGE_SIZE
+            {
+                return Err(ProbeError::Cmdqv("logical queues per VINTF must be 1..=32"));
+            }
+            if c.num_vintfs < 2 || c.num_vintfs > 64 {
+                return Err(ProbeError::Cmdqv(
+                    "VINTFs must be 2..=64 (VINTF 0 is the host's)",
+                ));
+            }
+        }
         let feat = Self::hw_probe(&smmu, &opts)?;
         let strtab = StreamTable::new(&frames, &*mem, &feat, opts.disable_bypass)?;
         let cmdq_bytes = (1u64 << feat.cmdq_log2) * q::CMDQ_ENT_DWORDS * 8;
@@ -307,7 +324,8 @@ impl ArmSmmuV3 {
         if !gran4k && !gran16k && !gran64k {
             return Err(ProbeError::NoGranule);
         }
-        let cap = |v: u64, max: u8| (v as u32).min(u32::from(max));
+        // Queue sizes are at most 2^19 entries (IHI0070 6.3.2); a larger report is capped.
+        let cap = |v: u64, max: u8| (v as u32).min(u32::from(max)).min(19);
         Ok(Features {
             idr,
             iidr: r(reg::IIDR),

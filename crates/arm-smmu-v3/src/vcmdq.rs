@@ -105,7 +105,8 @@ impl Vintf {
             sid_slots: Ida::new(0, cfg.sids_per_vintf.saturating_sub(1)),
             vsids: BTreeMap::new(),
             err_map: 0,
-            cmdqs: defs::get(defs::idr1::CMDQS, u64::from(drv.feat.idr[1])) as u32,
+            // IDR1.CMDQS is at most 19 (IHI0070 6.3.2).
+            cmdqs: (defs::get(defs::idr1::CMDQS, u64::from(drv.feat.idr[1])) as u32).min(19),
         };
         Ok((vi, offset))
     }

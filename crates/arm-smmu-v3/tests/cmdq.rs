@@ -186,3 +186,87 @@ fn pri_page_requests_reach_the_fault_queue_and_are_answered() {
     });
     assert!(deny);
 }
+
+/// A device ATC that records what it is told.
+#[derive(Default)]
+struct Atc(parking_lot::Mutex<Vec<(Option<u32>, u64, u8)>>);
+
+impl AtsEndpoint for Atc {
+    fn invalidate(&self, ssid: Option<u32>, addr: u64, size: u8) -> AtcResponse {
+        self.0.lock().push((ssid, addr, size));
+        AtcResponse::Completed
+    }
+}
+
+#[test]
+fn ats_masters_get_atc_invalidations_on_unmap() {
+    let m = traced(SmmuConfig {
+        ats: true,
+        btm: false,
+        ..SmmuConfig::default()
+    });
+    let dev = m
+        .drv
+        .add_master(
+            0x31,
+            MasterOptions {
+                ats: true,
+                ..MasterOptions::default()
+            },
+        )
+        .unwrap();
+    let atc = Arc::new(Atc::default());
+    m.smmu
+        .attach_ats_endpoint(0x31, Arc::clone(&atc) as Arc<dyn AtsEndpoint>);
+    let c = Iommufd::new();
+    let d = c
+        .bind_device(Arc::clone(&dev) as Arc<dyn IommuDevice>, None)
+        .unwrap();
+    let ioas = c.ioas_alloc(0).unwrap();
+    let s2 = c
+        .hwpt_alloc(
+            hwpt_flags::NEST_PARENT,
+            d,
+            ioas,
+            &mut none_data(),
+            ObjectId(0),
+        )
+        .unwrap();
+    c.attach(d, NO_PASID, s2).unwrap();
+    // EATS = full ATS in the STE.
+    let ste = dev.ste().unwrap();
+    assert_eq!(get(twinmmu_arm_smmu_v3::defs::ste::EATS, ste[1]), 1);
+    c.ioas_map(FIXED, ioas, m.src(0), 0x2000, 0x10_0000)
+        .unwrap();
+    assert!(atc.0.lock().is_empty());
+    c.ioas_unmap(ioas, 0x10_0000, 0x2000).unwrap();
+    assert_eq!(
+        atc.0.lock().as_slice(),
+        &[(None, 0, 52)],
+        "whole-ATC invalidation"
+    );
+    // A guest STE without EATS: ATS off in the physical STE, no ATC invalidation.
+    let v = c
+        .viommu_alloc(0, viommu_type::ARM_SMMUV3, d, s2, &mut none_data())
+        .unwrap();
+    c.vdevice_alloc(v, d, 1).unwrap();
+    let mut data = vste_bytes([1 | (4 << 1), 0]);
+    let n = c
+        .hwpt_alloc(
+            0,
+            d,
+            v,
+            &mut UserData::new(hwpt_data::ARM_SMMUV3, &mut data),
+            ObjectId(0),
+        )
+        .unwrap();
+    c.replace(d, NO_PASID, n).unwrap();
+    assert_eq!(
+        get(twinmmu_arm_smmu_v3::defs::ste::EATS, dev.ste().unwrap()[1]),
+        0
+    );
+    c.ioas_map(FIXED, ioas, m.src(0), 0x2000, 0x10_0000)
+        .unwrap();
+    c.ioas_unmap(ioas, 0x10_0000, 0x2000).unwrap();
+    assert_eq!(atc.0.lock().len(), 1);
+}

@@ -367,3 +367,32 @@ proptest! {
         prop_assert!(nh_all || all);
     }
 }
+
+#[test]
+fn impossible_cmdqv_shapes_are_refused_at_probe() {
+    for (q, v) in [(0, 4), (33, 4), (2, 1), (2, 65)] {
+        let r = Machine::try_new(
+            SmmuConfig::default(),
+            Options {
+                cmdqv: Some(CmdqvConfig {
+                    num_vintfs: v,
+                    lvcmdqs_per_vintf: q,
+                    sids_per_vintf: 16,
+                }),
+                ..Options::default()
+            },
+        );
+        assert!(matches!(r, Err(ProbeError::Cmdqv(_))), "{q} {v}");
+    }
+    let full = Machine::try_new(
+        SmmuConfig::default(),
+        Options {
+            cmdqv: Some(CmdqvConfig {
+                lvcmdqs_per_vintf: 32,
+                ..CmdqvConfig::default()
+            }),
+            ..Options::default()
+        },
+    );
+    assert!(full.is_ok(), "32 queues fill the page exactly");
+}
