@@ -396,3 +396,23 @@ fn impossible_cmdqv_shapes_are_refused_at_probe() {
     );
     assert!(full.is_ok(), "32 queues fill the page exactly");
 }
+
+#[test]
+fn two_level_stream_table_descriptors() {
+    use twinmmu_hw::PhysMem;
+    let m = Machine::new(SmmuConfig::default(), Options::default());
+    let base = m.smmu.mmio_read(0x80, 8).unwrap();
+    assert_ne!(base & (1 << 62), 0, "STRTAB_BASE.RA");
+    let l1 = base & ((1u64 << 52) - 64);
+    // No device yet: every L1 descriptor is invalid (Span 0).
+    assert_eq!(m.mem.read_u64(l1 + 8 * 0x12).unwrap(), 0);
+    let _d = m.master(0x1234);
+    let desc = m.mem.read_u64(l1 + 8 * 0x12).unwrap();
+    assert_eq!(desc & 0x1f, 9, "Span = SPLIT + 1: 256 STEs");
+    let l2 = desc & ((1u64 << 52) - 64);
+    assert_eq!(l2 % (256 * 64), 0, "level-2 table aligned to its size");
+    // The device's STE is entry 0x34 of it, and aborts.
+    let ste0 = m.mem.read_u64(l2 + 0x34 * 64).unwrap();
+    assert_eq!(ste0, 1, "V = 1, Config = abort");
+    assert_eq!(m.drv.read_ste(0x1234).unwrap()[0], ste0);
+}
