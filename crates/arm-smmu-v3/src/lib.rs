@@ -19,6 +19,29 @@
 //! - Events ([`ArmSmmuV3::process_events`]): forwarded to the owning vIOMMU's vEVENTQ with the
 //!   virtual StreamID, stalls and PRI page requests to the FAULT path.
 //!
+//! # Errno choices
+//!
+//! As the kernel where it has an answer; where the pinned-VMID RFC left it open, chosen as the
+//! kernel's conventions suggest:
+//! - VIOMMU_ALLOC under BTM on a device bound without a KVM, or with a handle that is not a
+//!   `twinmmu_kvm::Vm`: EINVAL (a required input is missing or wrong).
+//! - KVM and SMMU VMID widths differ, or KVM has pinning disabled: EOPNOTSUPP (this
+//!   combination cannot be supported at all).
+//! - No pinnable KVM VMID left, no private VMID, ASID, VINTF or VINTF SID slot left: ENOSPC
+//!   (the kernel's `ida_alloc` failure).
+//! - Guest STE with a field the guest does not own, a reserved Config or EATS: EIO (the
+//!   kernel's "EIO is reserved for invalid STE data"). A guest command that may not be
+//!   trapped, or names an unknown vSID: EIO, `entry_num` = the entries before it.
+//! - A command queue that makes no progress: ETIMEDOUT (`arm_smmu_cmdq_issue_cmdlist`).
+//! - HWPT_INVALIDATE on a vIOMMU with `entry_num` 0: EINVAL, as the kernel's full-array copy
+//!   (`iommu_copy_struct_from_full_user_array`) returns.
+//! - Attach on a PASID: EINVAL (the model's masters have no SubstreamIDs).
+//!
+//! One behaviour differs from the kernel on purpose: when HWPT_INVALIDATE rejects entry k,
+//! the converted entries before it that were still waiting for their batch are issued (with a
+//! CMD_SYNC) before returning, so `entry_num = k` is true; the kernel returns `entry_num = k`
+//! without issuing them.
+//!
 //! [`IommuDevice`]: twinmmu_iommufd::IommuDevice
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
