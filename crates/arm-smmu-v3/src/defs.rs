@@ -180,7 +180,7 @@ pub mod strtab {
     pub const SPLIT: u32 = 8;
     /// Linux caps the level-1 table at 2^20 bytes.
     pub const L1_SZ_SHIFT: u32 = 20;
-    /// L1STD (IHI0070 5.1): Span[4:0], L2Ptr[51:6].
+    /// L1STD (IHI0070 5.1): Span bits 4:0, L2Ptr bits 51:6.
     pub const L1_DESC_SPAN: u64 = genmask(4, 0);
     pub const L1_DESC_L2PTR: u64 = genmask(51, 6);
     pub const STE_SIZE: u64 = 64;
@@ -220,7 +220,7 @@ pub mod ste {
     pub const CFG_NESTED: u64 = 7;
     pub const S1FMT: u64 = genmask(5, 4);
     pub const S1FMT_LINEAR: u64 = 0;
-    /// S1ContextPtr: Linux uses [51:6] (52-bit PAs); IHI0070 G.b declares [55:6].
+    /// S1ContextPtr: Linux uses bits 51:6 (52-bit PAs); IHI0070 G.b declares 55:6.
     pub const S1CTXPTR: u64 = genmask(51, 6);
     pub const S1CDMAX: u64 = genmask(63, 59);
     /// The dword-0 fields a guest controls in a nested STE (Linux NESTING_ALLOWED).

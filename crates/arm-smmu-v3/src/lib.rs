@@ -72,7 +72,7 @@ pub use trace::TraceEvent;
 pub use vcmdq::{HwQueueConsumer, VCMDQ_PAGE_SIZE, vcmdq_reg};
 pub use viommu::{ArmNestedDomain, VSmmu, VmidSource};
 
-/// `struct iommu_hw_info_arm_smmuv3` size: flags, __reserved, idr[6], iidr, aidr.
+/// `struct iommu_hw_info_arm_smmuv3` size: flags, __reserved, idr\[6\], iidr, aidr.
 pub const HW_INFO_ARM_SMMUV3_SIZE: usize = 40;
 /// `struct iommu_hw_info_tegra241_cmdqv` size: flags, version, log2vcmdqs, log2vsids, rsvd.
 pub const HW_INFO_TEGRA241_CMDQV_SIZE: usize = 8;

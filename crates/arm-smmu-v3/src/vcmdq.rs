@@ -33,7 +33,7 @@ pub const VCMDQ_PAGE_SIZE: u64 = 4096;
 /// Register offsets of logical queue `lidx` in the VINTF page (smmu_kvm.md §5.1, VCMDQ page0).
 pub mod vcmdq_reg {
     pub const STRIDE: u64 = 0x80;
-    /// CONS (index + wrap, ERR[30:24] as SMMU_CMDQ_CONS).
+    /// CONS (index + wrap, ERR in bits 30:24 as SMMU_CMDQ_CONS).
     pub const CONS: u64 = 0x0;
     pub const PROD: u64 = 0x4;
     /// CONFIG.EN bit 0.
