@@ -302,12 +302,19 @@ impl Smmu {
 
     /// Removes every TLB entry in `scope`, then publishes the change to the micro-TLBs.
     pub(crate) fn invalidate(&self, scope: InvScope) {
-        {
+        self.invalidate_counted(scope);
+    }
+
+    /// [`Smmu::invalidate`], returning how many entries it removed.
+    pub(crate) fn invalidate_counted(&self, scope: InvScope) -> usize {
+        let removed = {
             let mut t = self.tlb.write();
-            t.invalidate(&scope);
+            let n = t.invalidate(&scope);
             self.tlb_gen.fetch_add(1, Ordering::AcqRel);
-        }
+            n
+        };
         self.bump_epoch();
+        removed
     }
 
     /// CMDQ_CONS.ERR as an enum.

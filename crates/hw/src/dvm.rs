@@ -185,9 +185,16 @@ impl Smmu {
     /// whether the SMMU acted on it. Completion is immediate (the interconnect's DSB sees
     /// it done).
     pub fn broadcast(&self, t: Tlbi) -> bool {
+        self.broadcast_counted(t).is_some()
+    }
+
+    /// [`Smmu::broadcast`], returning how many main-TLB entries it removed, or `None` when
+    /// the SMMU ignored it (IDR0.BTM = 0 or CR2.PTM = 1). The DVM interconnect counts what
+    /// each recipient removed with this.
+    pub fn broadcast_counted(&self, t: Tlbi) -> Option<usize> {
         let cr2 = self.tcu.read().live.cr2;
         if !self.cfg.btm || cr2.ptm() {
-            return false;
+            return None;
         }
         inc(&self.counters.broadcasts);
         let ns = InvScope::world_bit(World::NsEl1);
@@ -276,7 +283,6 @@ impl Smmu {
         };
         // Complete when this returns: `invalidate` publishes the new epoch (Release) that
         // every later translation loads (Acquire).
-        self.invalidate(scope);
-        true
+        Some(self.invalidate_counted(scope))
     }
 }

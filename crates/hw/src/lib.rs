@@ -6,7 +6,8 @@
         clippy::field_reassign_with_default
     )
 )]
-//! The machine under twinmmu: host physical memory and the Arm SMMUv3 (IHI0070).
+//! The machine under twinmmu: host physical memory, the PEs with their TLBs and the DVM
+//! interconnect between them, and the Arm SMMUv3 (IHI0070).
 //!
 //! The SMMU is driven like silicon: only through its MMIO register pages and the structures
 //! it reads from memory (stream table, context descriptors, queues, translation tables).
@@ -26,6 +27,8 @@ pub mod cmd;
 pub mod cmdq;
 pub mod dvm;
 pub mod event;
+pub mod interconnect;
+pub mod pe;
 pub mod port;
 pub mod smmu;
 pub mod ste;
@@ -36,6 +39,8 @@ pub use cmd::{CmdqEntry, Command};
 pub use cmdq::CmdError;
 pub use dvm::{Tlbi, TlbiOp};
 pub use event::{Event, EventType, FaultClass};
+pub use interconnect::{Dvm, DvmConfig, DvmError, DvmReport, DvmStats, RecipientStats, TlbiInsn};
+pub use pe::{Pe, PeConfig, PeContext, PeFault, PeStats, PeTranslation, Regime};
 pub use port::DmaPort;
 pub use rustvmm::{GuestPhysMem, SmmuIommu};
 pub use smmu::{AtcResponse, AtsEndpoint, MmioError, Smmu, SmmuStats};

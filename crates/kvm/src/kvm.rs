@@ -1,16 +1,30 @@
 //! `Kvm`, `Vm`, `Vcpu` and the VMID pin handle.
 //!
-//! Not modelled yet: VMs have no stage 2 and vCPUs issue no TLB maintenance. The shapes
-//! leave room for both: a [`Vm`] can own its stage-2 tables next to its [`KvmVmid`], and a
-//! loaded [`Vcpu`] knows its physical CPU and programmed VMID, which is what a TLBI it issues
-//! over the DVM must carry. [`KvmConfig`] and [`VmConfig`] are non-exhaustive so that such
-//! settings can be added without breaking callers.
+//! On a [`Machine`] (PEs and their DVM interconnect, optionally host memory):
+//! - a vCPU load programs its PE with the VM's VMID from the allocator (never before the
+//!   allocation: smmu_kvm.md §1.5) and the VM's stage 2; a put restores the host context;
+//! - a loaded vCPU's TLBI instructions carry that VMID over the DVM;
+//! - rollovers broadcast `TLBI ALLE1IS` over the DVM from the CPU that rolled over;
+//! - a VM has guest RAM and stage-2 tables in host memory, and unmapping does the TLB
+//!   maintenance KVM does (`IPAS2E1IS` + `VMALLE1IS`, the range forms, or `VMALLS12E1IS`).
+//!
+//! Without a machine ([`Kvm::new`]) only the VMID allocator and the bookkeeping run.
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+use twinmmu_hw::{
+    DvmError, DvmReport, Pe, PeContext, PeFault, PeTranslation, Tlbi, TlbiInsn, TlbiOp,
+};
+use twinmmu_vmsa::{Access, Granule, S2Translation, Stage1Config, Stage2Config, Stage2Params};
+
+use crate::machine::{DvmRollover, KvmError, Machine};
+use crate::stage2::{
+    GuestMemory, MAX_TLBI_RANGE_PAGES, Stage2, Stage2Changes, Stage2Error, s2_range_tlbis,
+};
 
 use crate::noncoherent::{
     DmaSourceId, EptMemoryType, NonCoherentDma, NonCoherentDmaError, NonCoherentDmaPolicy,
@@ -61,15 +75,40 @@ impl KvmConfig {
 }
 
 /// Options for a new VM: start from `VmConfig::default()`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VmConfig {
     pub noncoherent_dma: NonCoherentDmaPolicy,
+    /// IPA size in bits (`KVM_VM_TYPE_ARM_IPA_SIZE`; KVM's default is 40).
+    pub ipa_bits: u8,
+    /// The stage-2 granule (KVM uses the host's page size).
+    pub granule: Granule,
+}
+
+impl Default for VmConfig {
+    /// Dynamic non-coherent DMA tracking, 40-bit IPA, 4K stage-2 granule.
+    fn default() -> Self {
+        VmConfig {
+            noncoherent_dma: NonCoherentDmaPolicy::default(),
+            ipa_bits: 40,
+            granule: Granule::Size4K,
+        }
+    }
 }
 
 impl VmConfig {
     pub fn noncoherent_dma(mut self, policy: NonCoherentDmaPolicy) -> Self {
         self.noncoherent_dma = policy;
+        self
+    }
+
+    pub fn ipa_bits(mut self, bits: u8) -> Self {
+        self.ipa_bits = bits;
+        self
+    }
+
+    pub fn granule(mut self, granule: Granule) -> Self {
+        self.granule = granule;
         self
     }
 }
@@ -87,11 +126,22 @@ pub enum VcpuError {
     NotLoaded { vm: u64, vcpu: u32 },
     #[error(transparent)]
     Vmid(#[from] VmidError),
+    /// The operation needs PEs ([`Kvm::with_machine`]).
+    #[error("no machine: vCPUs do not run on PEs")]
+    NoMachine,
+    #[error(transparent)]
+    Stage2(#[from] Stage2Error),
+    #[error(transparent)]
+    Dvm(#[from] DvmError),
+    /// A translation by the vCPU faulted.
+    #[error("translation fault: {0}")]
+    Fault(PeFault),
 }
 
 /// The hypervisor: physical CPUs, the VMID allocator, VMs.
 pub struct Kvm {
     allocator: VmidAllocator,
+    machine: Option<Machine>,
     /// Per physical CPU: the serial of the vCPU loaded there, 0 when none.
     cpus: Box<[CachePadded<AtomicU64>]>,
     next_vm: AtomicU64,
@@ -110,14 +160,45 @@ impl Kvm {
         tlbi: Arc<dyn TlbiBroadcaster>,
     ) -> Result<Arc<Kvm>, VmidInitError> {
         let allocator = VmidAllocator::new(config.vmid_bits, config.ncpus, config.pinning, tlbi)?;
-        Ok(Arc::new(Kvm {
+        Ok(Kvm::build(config, allocator, None))
+    }
+
+    /// A KVM running on `machine`: its physical CPUs are the machine's PEs (their number
+    /// must equal `config.ncpus`), and its rollovers broadcast `TLBI ALLE1IS` over the
+    /// machine's DVM interconnect.
+    pub fn with_machine(config: KvmConfig, machine: Machine) -> Result<Arc<Kvm>, KvmError> {
+        let pes = machine.dvm().pes().len();
+        if pes != config.ncpus {
+            return Err(KvmError::CpuCount {
+                ncpus: config.ncpus,
+                pes,
+            });
+        }
+        let tlbi = Arc::new(DvmRollover(Arc::clone(machine.dvm())));
+        let allocator = VmidAllocator::new(config.vmid_bits, config.ncpus, config.pinning, tlbi)?;
+        Ok(Kvm::build(config, allocator, Some(machine)))
+    }
+
+    fn build(config: KvmConfig, allocator: VmidAllocator, machine: Option<Machine>) -> Arc<Kvm> {
+        Arc::new(Kvm {
             allocator,
+            machine,
             cpus: (0..config.ncpus)
                 .map(|_| CachePadded::new(AtomicU64::new(0)))
                 .collect(),
             next_vm: AtomicU64::new(1),
             next_vcpu: AtomicU64::new(1),
-        }))
+        })
+    }
+
+    /// The machine this KVM runs on, if any.
+    pub fn machine(&self) -> Option<&Machine> {
+        self.machine.as_ref()
+    }
+
+    /// The PE that is physical CPU `cpu`.
+    pub fn pe(&self, cpu: usize) -> Option<&Arc<Pe>> {
+        self.machine.as_ref()?.dvm().pes().get(cpu)
     }
 
     pub fn ncpus(&self) -> usize {
@@ -141,7 +222,8 @@ impl Kvm {
         check_btm_vmid_width(self.vmid_bits(), smmu)
     }
 
-    /// `KVM_CREATE_VM`. The VM has no VMID until a vCPU loads or a pin needs one.
+    /// `KVM_CREATE_VM`. The VM has no VMID until a vCPU loads or a pin needs one. With host
+    /// memory, its stage-2 tables are allocated at the first vCPU load or RAM operation.
     pub fn create_vm(self: &Arc<Self>, config: VmConfig) -> Arc<Vm> {
         Arc::new(Vm {
             kvm: Arc::clone(self),
@@ -149,6 +231,11 @@ impl Kvm {
             vmid: KvmVmid::new(),
             noncoherent: NonCoherentDma::new(config.noncoherent_dma),
             next_vcpu_index: AtomicU64::new(0),
+            config,
+            stage2: Mutex::new(None),
+            last_vcpu_ran: (0..self.ncpus())
+                .map(|_| AtomicU64::new(u64::MAX))
+                .collect(),
         })
     }
 
@@ -171,13 +258,20 @@ impl fmt::Debug for Kvm {
     }
 }
 
-/// A virtual machine: its VMID (one canonical stage-2 MMU) and its DMA coherency state.
+/// A virtual machine: its VMID (one canonical stage-2 MMU), its guest RAM and stage 2,
+/// and its DMA coherency state.
 pub struct Vm {
     kvm: Arc<Kvm>,
     id: u64,
     vmid: KvmVmid,
     noncoherent: NonCoherentDma,
     next_vcpu_index: AtomicU64,
+    config: VmConfig,
+    /// The stage 2 and its memory slots, under the lock KVM calls `mmu_lock`.
+    stage2: Mutex<Option<Stage2>>,
+    /// Per physical CPU, the index of the vCPU of this VM that ran there last
+    /// (`mmu->last_vcpu_ran`); `u64::MAX` = none.
+    last_vcpu_ran: Box<[AtomicU64]>,
 }
 
 impl Vm {
@@ -210,6 +304,7 @@ impl Vm {
             serial: self.kvm.next_vcpu.fetch_add(1, Ordering::Relaxed),
             loaded: None,
             wbinvd_dirty: vec![false; self.kvm.ncpus()].into_boxed_slice(),
+            guest_stage1: None,
         }
     }
 
@@ -266,6 +361,221 @@ impl Vm {
         self.noncoherent.registered()
     }
 
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Runs `f` on the stage 2, creating it (its start-level tables) first if needed.
+    fn with_stage2<R>(
+        &self,
+        f: impl FnOnce(&mut Stage2) -> Result<R, Stage2Error>,
+    ) -> Result<R, Stage2Error> {
+        let mut g = self.stage2.lock();
+        if g.is_none() {
+            let m = self.kvm.machine.as_ref().ok_or(Stage2Error::NoMemory)?;
+            let (mem, frames) = m.memory().zip(m.frames()).ok_or(Stage2Error::NoMemory)?;
+            let features = m
+                .dvm()
+                .pes()
+                .first()
+                .map(|p| p.config().features)
+                .unwrap_or_default();
+            *g = Some(Stage2::new(
+                Arc::clone(mem),
+                frames.clone(),
+                self.config.granule,
+                self.config.ipa_bits,
+                &features,
+            )?);
+        }
+        match g.as_mut() {
+            Some(s2) => f(s2),
+            None => Err(Stage2Error::NoMemory),
+        }
+    }
+
+    /// The stage-2 configuration a PE runs this VM with (VTTBR_EL2.BADDR, VTCR_EL2); `None`
+    /// without host memory.
+    pub fn stage2_config(&self) -> Option<Stage2Config> {
+        self.with_stage2(|s| Ok(s.config())).ok()
+    }
+
+    /// The stage 2 as STE fields (S2TTB, S2T0SZ, S2SL0, S2TG, S2PS), for an SMMU stream
+    /// that shares it.
+    pub fn stage2_params(&self) -> Option<Stage2Params> {
+        self.with_stage2(|s| Ok(s.params())).ok()
+    }
+
+    /// Adds guest RAM (a memory slot): `size` bytes at `ipa`, backed by host frames, not
+    /// yet mapped at stage 2.
+    pub fn add_ram(&self, ipa: u64, size: u64) -> Result<(), Stage2Error> {
+        self.with_stage2(|s| s.add_ram(ipa, size))
+    }
+
+    /// Removes the RAM region that starts at `ipa`: unmaps it from stage 2 with the TLB
+    /// maintenance, issued from physical CPU `cpu`, then frees its frames.
+    pub fn remove_ram(&self, cpu: usize, ipa: u64) -> Result<DvmReport, Stage2Error> {
+        self.check_cpu(cpu)?;
+        self.with_stage2(|s| {
+            let size = s.slot_size(ipa)?;
+            let report = self.unmap_flush(s, cpu, ipa, size)?;
+            s.remove_slot(ipa);
+            Ok(report)
+        })
+    }
+
+    /// The host PA backing guest RAM at `ipa` (through the memory slots, not stage 2).
+    pub fn ram_pa(&self, ipa: u64) -> Option<u64> {
+        self.with_stage2(|s| Ok(s.ram_pa(ipa))).ok().flatten()
+    }
+
+    /// Guest RAM by IPA: a snapshot view of the memory slots.
+    pub fn guest_memory(&self) -> Result<GuestMemory, Stage2Error> {
+        let mem = self
+            .kvm
+            .machine
+            .as_ref()
+            .and_then(|m| m.memory())
+            .ok_or(Stage2Error::NoMemory)?;
+        let chunks = self.with_stage2(|s| Ok(s.chunks()))?;
+        Ok(GuestMemory::new(Arc::clone(mem), chunks))
+    }
+
+    /// Maps `[ipa, ipa + size)` of guest RAM at stage 2, as KVM's stage-2 fault handler
+    /// does: read/write/executable Normal memory, with blocks where the RAM allows. No TLB
+    /// maintenance is needed (the range was invalid).
+    pub fn stage2_map(&self, ipa: u64, size: u64) -> Result<(), Stage2Error> {
+        self.with_stage2(|s| s.map(ipa, size))
+    }
+
+    /// Unmaps `[ipa, ipa + size)` from stage 2 and does the TLB maintenance KVM does, from
+    /// physical CPU `cpu`, before returning ([`Vm::stage2_flush`]).
+    pub fn stage2_unmap(&self, cpu: usize, ipa: u64, size: u64) -> Result<DvmReport, Stage2Error> {
+        self.check_cpu(cpu)?;
+        self.with_stage2(|s| self.unmap_flush(s, cpu, ipa, size))
+    }
+
+    /// Unmaps `[ipa, ipa + size)` from stage 2 **without** TLB maintenance: PEs and SMMUs
+    /// sharing the stage 2 may go on using the old translation until
+    /// [`Vm::stage2_flush`] runs with the returned changes. For studying the hazard; KVM
+    /// never leaves it out.
+    pub fn stage2_unmap_unflushed(
+        &self,
+        ipa: u64,
+        size: u64,
+    ) -> Result<Stage2Changes, Stage2Error> {
+        self.with_stage2(|s| s.unmap(ipa, size))
+    }
+
+    /// The TLB maintenance KVM does after an unmap, from physical CPU `cpu` at EL2 with the
+    /// VM's VMID in VTTBR_EL2 (`enter_vmid_context`), each step complete (DSB ISH) before
+    /// the next:
+    /// - with FEAT_TLBIRANGE (`stage2_unmap_defer_tlb_flush`): for each table freed, then
+    ///   once for the whole range, `kvm_tlb_flush_vmid_range` — `RIPAS2E1IS` (and
+    ///   `IPAS2E1IS` for a last single page) in chunks of at most
+    ///   [`MAX_TLBI_RANGE_PAGES`], then `VMALLE1IS`;
+    /// - without: `__kvm_tlb_flush_vmid_ipa` per leaf that was valid — `IPAS2E1IS`, then
+    ///   `VMALLE1IS` (stage-1 and combined entries hold no IPA, so all of the VMID's go);
+    ///   and for each table freed `__kvm_tlb_flush_vmid` — `VMALLS12E1IS`.
+    ///
+    /// A VM that never had a VMID has nothing cached anywhere: no maintenance. A VM whose
+    /// VMID is of an older generation is flushed under that number, as KVM does (at worst
+    /// over-invalidating the VM that has it now).
+    pub fn stage2_flush(
+        &self,
+        cpu: usize,
+        changes: &Stage2Changes,
+    ) -> Result<DvmReport, Stage2Error> {
+        self.check_cpu(cpu)?;
+        let granule = self.config.granule;
+        self.flush(cpu, changes, granule)
+    }
+
+    fn check_cpu(&self, cpu: usize) -> Result<(), Stage2Error> {
+        let m = self.kvm.machine.as_ref().ok_or(Stage2Error::NoMemory)?;
+        m.dvm().pe(cpu)?;
+        Ok(())
+    }
+
+    /// Unmap then flush, under the stage-2 lock (so no map can come between them).
+    fn unmap_flush(
+        &self,
+        s: &mut Stage2,
+        cpu: usize,
+        ipa: u64,
+        size: u64,
+    ) -> Result<DvmReport, Stage2Error> {
+        match s.unmap(ipa, size) {
+            Ok(changes) => self.flush(cpu, &changes, s.granule()),
+            Err(Stage2Error::PartialUnmap { changes }) => {
+                self.flush(cpu, &changes, s.granule())?;
+                Err(Stage2Error::OutOfMemory)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        cpu: usize,
+        ch: &Stage2Changes,
+        granule: Granule,
+    ) -> Result<DvmReport, Stage2Error> {
+        let m = self.kvm.machine.as_ref().ok_or(Stage2Error::NoMemory)?;
+        let dvm = m.dvm();
+        let range = dvm.pe(cpu)?.config().tlbi_range;
+        // dsb(ishst): the descriptor writes are visible before the TLBIs.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let Some(vmid) = self.last_vmid() else {
+            return Ok(DvmReport::default());
+        };
+        let v = vmid.get();
+        let g = granule.bits() as u8;
+        let mut total = DvmReport::default();
+        let mut run = |ts: &[Tlbi]| -> Result<(), Stage2Error> {
+            let r = dvm.broadcast_all(Some(cpu), ts)?;
+            total.tlbis += r.tlbis;
+            total.deliveries += r.deliveries;
+            total.pe_removed += r.pe_removed;
+            total.smmu_honoured += r.smmu_honoured;
+            total.smmu_removed += r.smmu_removed;
+            Ok(())
+        };
+        let vmalle1 = Tlbi::new(TlbiOp::Vmalle1is, v);
+        if range {
+            let mut vmid_range = |start: u64, size: u64| -> Result<(), Stage2Error> {
+                let mut pages = size >> g;
+                let mut addr = start;
+                while pages > 0 {
+                    let n = pages.min(MAX_TLBI_RANGE_PAGES);
+                    run(&s2_range_tlbis(v, addr, n, g))?;
+                    run(&[vmalle1])?;
+                    addr = addr.saturating_add(n << g);
+                    pages -= n;
+                }
+                Ok(())
+            };
+            for t in &ch.tables {
+                vmid_range(t.start, t.end - t.start)?;
+            }
+            vmid_range(ch.ipa, ch.size)?;
+        } else {
+            for &(addr, _level) in &ch.leaves {
+                run(&[Tlbi::new(TlbiOp::Ipas2e1is, v).with_addr(addr)])?;
+                run(&[vmalle1])?;
+            }
+            for _ in &ch.tables {
+                run(&[Tlbi::new(TlbiOp::Vmalls12e1is, v)])?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// A TLB-less walk of the stage-2 tables: the reference for what any TLB may hold.
+    pub fn stage2_walk(&self, ipa: u64) -> Result<S2Translation, Stage2Error> {
+        self.with_stage2(|s| s.walk(ipa))
+    }
+
     /// `need_emulate_wbinvd()`: what a guest WBINVD requires.
     pub fn wbinvd_emulation(&self) -> WbinvdEmulation {
         self.noncoherent.wbinvd_emulation()
@@ -274,6 +584,18 @@ impl Vm {
     /// The memory type of a guest mapping (`vmx_get_mt_mask()`).
     pub fn memory_type(&self, is_mmio: bool) -> EptMemoryType {
         self.noncoherent.memory_type(is_mmio)
+    }
+}
+
+impl Drop for Vm {
+    /// Frees the stage-2 tables and guest RAM. PE TLBs may still hold entries tagged with
+    /// the VM's VMID; nobody can use them, because KVM never hands the VMID out again
+    /// before a rollover, whose `TLBI ALLE1IS` removes them (a pinned VMID keeps its VM
+    /// alive).
+    fn drop(&mut self) {
+        if let Some(s2) = self.stage2.get_mut().take() {
+            s2.destroy();
+        }
     }
 }
 
@@ -297,6 +619,8 @@ pub struct Vcpu {
     loaded: Option<Loaded>,
     /// Physical CPUs whose caches may hold this vCPU's dirty lines (`wbinvd_dirty_mask`).
     wbinvd_dirty: Box<[bool]>,
+    /// The guest's stage 1 (TTBRn_EL1/TCR_EL1) and ASID, saved across put and load.
+    guest_stage1: Option<(Stage1Config, u16)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -349,6 +673,17 @@ impl Vcpu {
         {
             return Err(VcpuError::CpuBusy { cpu });
         }
+        // The stage-2 tables exist before anything can run on them.
+        let stage2 = match &kvm.machine {
+            Some(m) if m.memory().is_some() => match self.vm.with_stage2(|s| Ok(s.config())) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    slot.store(0, Ordering::Release);
+                    return Err(e.into());
+                }
+            },
+            _ => None,
+        };
         // One-shot coherency locks before its first consumer (the dirty-CPU tracking just
         // below) reads it.
         self.vm.noncoherent.vcpu_loading();
@@ -359,6 +694,20 @@ impl Vcpu {
                 return Err(e.into());
             }
         };
+        // VTTBR_EL2 is programmed only now, with the VMID just allocated (smmu_kvm.md §1.5:
+        // never an unallocated VMID).
+        if let Some(pe) = kvm.pe(cpu) {
+            let v = update.vmid.get();
+            // kvm_arch_vcpu_load: another vCPU of this VM ran on this CPU last, and may
+            // have left stage-1 entries under the shared VMID: __kvm_flush_cpu_context
+            // (a local TLBI VMALLE1).
+            if let Some(last) = self.vm.last_vcpu_ran.get(cpu)
+                && last.swap(u64::from(self.index), Ordering::Relaxed) != u64::from(self.index)
+            {
+                pe.tlbi_local(&Tlbi::new(TlbiOp::Vmalle1is, v));
+            }
+            pe.set_context(self.guest_context(v, stage2));
+        }
         // Address WBINVD the guest may execute: this CPU may now hold our dirty lines.
         if self.vm.noncoherent.has_noncoherent_dma()
             && let Some(d) = self.wbinvd_dirty.get_mut(cpu)
@@ -381,11 +730,81 @@ impl Vcpu {
             });
         };
         let kvm = &self.vm.kvm;
+        if let Some(pe) = kvm.pe(l.cpu) {
+            pe.set_context(pe.host_context());
+        }
         kvm.allocator.clear_active(l.cpu)?;
         if let Some(slot) = kvm.cpus.get(l.cpu) {
             slot.store(0, Ordering::Release);
         }
         Ok(())
+    }
+
+    fn guest_context(&self, vmid: u16, stage2: Option<Stage2Config>) -> PeContext {
+        let ctx = PeContext::guest(vmid, stage2);
+        match self.guest_stage1 {
+            Some((s1, asid)) => ctx.with_stage1(Some(s1), asid),
+            None => ctx,
+        }
+    }
+
+    /// The guest programs its stage 1 (TTBR0/1_EL1, TCR_EL1) with ASID `asid`, or turns
+    /// its MMU off with `None`. Kept across put and load, as KVM saves the EL1 registers.
+    pub fn set_guest_stage1(&mut self, stage1: Option<(Stage1Config, u16)>) {
+        self.guest_stage1 = stage1;
+        if let Some(l) = self.loaded
+            && let Some(pe) = self.vm.kvm.pe(l.cpu)
+        {
+            let ctx = pe.context();
+            let ctx = match stage1 {
+                Some((s1, asid)) => ctx.with_stage1(Some(s1), asid),
+                None => ctx.with_stage1(None, 0),
+            };
+            pe.set_context(ctx);
+        }
+    }
+
+    /// The PE this vCPU is loaded on.
+    pub fn pe(&self) -> Result<&Arc<Pe>, VcpuError> {
+        let l = self.loaded.ok_or(VcpuError::NotLoaded {
+            vm: self.vm.id,
+            vcpu: self.index,
+        })?;
+        self.vm.kvm.pe(l.cpu).ok_or(VcpuError::NoMachine)
+    }
+
+    /// The guest accesses `va` (an IPA with its MMU off): a translation by its PE, through
+    /// the PE's TLB.
+    pub fn translate(&self, va: u64, access: Access) -> Result<PeTranslation, VcpuError> {
+        self.pe()?.translate(va, access).map_err(VcpuError::Fault)
+    }
+
+    /// The guest executes `TLBI <op>IS`: the message carries the VM's VMID (the PE's
+    /// VTTBR_EL2) over the DVM. EL2 forms are UNDEFINED for a guest. Complete only after
+    /// [`Vcpu::dsb`].
+    pub fn tlbi(&self, insn: TlbiInsn) -> Result<Tlbi, VcpuError> {
+        let l = self.loaded.ok_or(VcpuError::NotLoaded {
+            vm: self.vm.id,
+            vcpu: self.index,
+        })?;
+        let m = self.vm.kvm.machine.as_ref().ok_or(VcpuError::NoMachine)?;
+        Ok(m.dvm().tlbi(l.cpu, insn)?)
+    }
+
+    /// The guest executes `DSB ISH`: its TLBIs are complete on every PE and SMMU.
+    pub fn dsb(&self) -> Result<DvmReport, VcpuError> {
+        let l = self.loaded.ok_or(VcpuError::NotLoaded {
+            vm: self.vm.id,
+            vcpu: self.index,
+        })?;
+        let m = self.vm.kvm.machine.as_ref().ok_or(VcpuError::NoMachine)?;
+        Ok(m.dvm().dsb(l.cpu)?)
+    }
+
+    /// `TLBI <op>IS; DSB ISH` by the guest.
+    pub fn tlbi_sync(&self, insn: TlbiInsn) -> Result<DvmReport, VcpuError> {
+        self.tlbi(insn)?;
+        self.dsb()
     }
 
     /// Emulates a guest WBINVD (KVM with WBINVD exiting): the physical CPUs whose caches must

@@ -14,6 +14,11 @@
 //! comment; blank and comment-only lines get no answer. At the end one summary line starting
 //! with `#` gives the rollovers, broadcasts, slow paths, fast paths and pins. The replay is
 //! single-threaded and deterministic.
+//!
+//! KVM runs on a machine of `cpus` PEs joined by the DVM interconnect (no host memory: the
+//! VMs have no stage 2). Each load programs its PE with the VMID; each rollover broadcasts
+//! `TLBI ALLE1IS` over the interconnect, and `broadcasts` counts the interconnect's
+//! messages.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,9 +27,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use twinmmu_hw::{Dvm, DvmConfig, PeConfig, SparseMem};
 use twinmmu_kvm::{
-    Kvm, KvmConfig, PinError, Vcpu, Vm, VmConfig, VmidBits, VmidInitError, VmidPin, VmidStats,
-    VmidUpdate,
+    Kvm, KvmConfig, Machine, PinError, Vcpu, Vm, VmConfig, VmidBits, VmidInitError, VmidPin,
+    VmidStats, VmidUpdate,
 };
 
 /// Replay a VMID allocation trace through the KVM VMID allocator (one answer per line).
@@ -84,7 +90,11 @@ pub fn replay(mut input: impl BufRead, out: &mut impl Write) -> io::Result<()> {
     writeln!(
         out,
         "# rollovers {} broadcasts {} slow-paths {} fast-paths {} pins {}",
-        s.rollovers, s.broadcasts, s.slow_paths, s.fast_paths, s.pins
+        s.rollovers,
+        session.broadcasts(),
+        s.slow_paths,
+        s.fast_paths,
+        s.pins
     )
 }
 
@@ -98,6 +108,8 @@ struct Session {
     config: KvmConfig,
     /// Built at the first operation; settings are refused after that.
     kvm: Option<Arc<Kvm>>,
+    /// The PEs' interconnect the KVM runs on.
+    dvm: Option<Arc<Dvm>>,
     vms: HashMap<String, VmEntry>,
     /// The vCPU loaded on each physical CPU.
     loaded: Vec<Option<Vcpu>>,
@@ -110,6 +122,7 @@ impl Session {
         Session {
             config: KvmConfig::new(4),
             kvm: None,
+            dvm: None,
             vms: HashMap::new(),
             loaded: Vec::new(),
         }
@@ -117,6 +130,11 @@ impl Session {
 
     fn stats(&self) -> VmidStats {
         self.kvm.as_ref().map(|k| k.stats()).unwrap_or_default()
+    }
+
+    /// `TLBI …IS` messages the interconnect carried.
+    fn broadcasts(&self) -> u64 {
+        self.dvm.as_ref().map_or(0, |d| d.stats().broadcasts)
     }
 
     /// The answer to one line, or `None` for a blank or comment line.
@@ -250,9 +268,18 @@ impl Session {
         if let Some(kvm) = &self.kvm {
             return Ok(Arc::clone(kvm));
         }
-        let kvm = Kvm::new(self.config).map_err(|e| e.to_string())?;
+        // PEs with small TLBs (nothing translates in a replay) and a page of memory they
+        // never walk.
+        let mem = SparseMem::with_range(0, 0x1000).map_err(|e| e.to_string())?;
+        let dvm = Dvm::new(
+            DvmConfig::new(self.config.ncpus).pe(PeConfig::default().tlb_capacity(16)),
+            Arc::new(mem),
+        );
+        let kvm = Kvm::with_machine(self.config, Machine::new(Arc::clone(&dvm)))
+            .map_err(|e| e.to_string())?;
         self.loaded = (0..self.config.ncpus).map(|_| None).collect();
         self.kvm = Some(Arc::clone(&kvm));
+        self.dvm = Some(dvm);
         Ok(kvm)
     }
 
