@@ -5,9 +5,9 @@
 //! under BTM (what the upstream vSMMU does today): the same TLBI misses and the device keeps
 //! a stale translation.
 //!
-//! The vCPU's TLBI reaches the SMMU through its DVM port (`Smmu::broadcast`) with the
-//! operands the PE provides: the loaded vCPU's VMID, the guest's ASID and VA. KVM's rollover
-//! `TLBI ALLE1IS` is wired to the same port.
+//! KVM runs on PEs joined to the SMMU by the DVM interconnect: a loaded vCPU executes
+//! `TLBI VAE1IS; DSB ISH`, the message carries its VMID to every PE and to the SMMU, and
+//! KVM's rollover `TLBI ALLE1IS` travels the same way.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -16,40 +16,31 @@ use std::sync::Arc;
 
 use common::*;
 use twinmmu_arm_smmu_v3::*;
-use twinmmu_hw::dvm::{Tlbi, TlbiOp};
-use twinmmu_hw::{Smmu, SmmuConfig};
+use twinmmu_hw::{Dvm, DvmConfig, DvmReport, SmmuConfig, TlbiInsn, TlbiOp};
 use twinmmu_iommufd::*;
-use twinmmu_kvm::{BroadcastTlbi, Kvm, KvmConfig, TlbiBroadcaster, Vcpu, VmidBits};
+use twinmmu_kvm::{Kvm, KvmConfig, Vcpu, VmidBits};
 
 const VA: u64 = 0x6600_0000;
+const CPUS: usize = 4;
 
-/// KVM's broadcasts go to the SMMU's DVM port (the interconnect of this machine).
-struct ToSmmu(Arc<Smmu>);
-
-impl TlbiBroadcaster for ToSmmu {
-    fn broadcast(&self, _issuer: Option<usize>, op: BroadcastTlbi) {
-        if let BroadcastTlbi::Alle1is = op {
-            self.0.broadcast(Tlbi::new(TlbiOp::Alle1is, 0));
-        }
-    }
-}
-
-/// What a loaded vCPU's `TLBI VAE1IS, (asid, va)` puts on the DVM network.
-fn vcpu_tlbi_vae1is(m: &Machine, vcpu: &Vcpu, asid: u16, va: u64) -> bool {
-    let vmid = vcpu.vmid().unwrap().get();
-    m.smmu.broadcast(
-        Tlbi::new(TlbiOp::Vae1is, vmid)
-            .with_asid(asid)
-            .with_addr(va),
-    )
-}
-
+/// KVM on `CPUS` PEs whose DVM reaches `m`'s SMMU.
 fn kvm_for(m: &Machine, bits: VmidBits) -> Arc<Kvm> {
-    Kvm::with_tlbi(
-        KvmConfig::new(4).vmid_bits(bits),
-        Arc::new(ToSmmu(Arc::clone(&m.smmu))),
+    let dvm = Dvm::new(
+        DvmConfig::new(CPUS),
+        Arc::clone(&m.mem) as Arc<dyn twinmmu_hw::PhysMem>,
+    );
+    dvm.attach_smmu(Arc::clone(&m.smmu));
+    Kvm::with_machine(
+        KvmConfig::new(CPUS).vmid_bits(bits),
+        twinmmu_kvm::Machine::new(dvm),
     )
     .unwrap()
+}
+
+/// The loaded vCPU's `TLBI VAE1IS, (asid, va); DSB ISH`.
+fn vcpu_tlbi_vae1is(vcpu: &Vcpu, asid: u16, va: u64) -> DvmReport {
+    vcpu.tlbi_sync(TlbiInsn::new(TlbiOp::Vae1is).with_asid(asid).with_addr(va))
+        .unwrap()
 }
 
 /// The guest remaps VA and invalidates only with its own broadcast TLBI; returns where the
@@ -57,7 +48,11 @@ fn kvm_for(m: &Machine, bits: VmidBits) -> Arc<Kvm> {
 fn remap_and_broadcast(m: &Machine, n: &mut Nested, vcpu: &Vcpu, from: u64, to: u64) -> bool {
     n.guest.unmap(VA, 0x1000);
     n.guest.map(VA, to, 0x1000);
-    assert!(vcpu_tlbi_vae1is(m, vcpu, n.guest.asid, VA), "BTM in use");
+    let r = vcpu_tlbi_vae1is(vcpu, n.guest.asid, VA);
+    assert_eq!(
+        r.smmu_honoured, 1,
+        "BTM in use: the SMMU acts on the broadcast"
+    );
     m.write(m.hpa(from), &[0; 8]);
     m.write(m.hpa(to), &[0; 8]);
     dma_write(m, n.dev.sid(), VA, b"after").unwrap();
@@ -83,7 +78,8 @@ fn a_vcpu_tlbi_invalidates_the_devices_nested_entries() {
     let other = vm_load(&kvm, 2);
     n.guest.unmap(VA, 0x1000);
     n.guest.map(VA, 0x22_0000, 0x1000);
-    vcpu_tlbi_vae1is(&m, &other, n.guest.asid, VA);
+    let r = vcpu_tlbi_vae1is(&other, n.guest.asid, VA);
+    assert_eq!((r.smmu_honoured, r.smmu_removed), (1, 0));
     dma_write(&m, 0x80, VA, b"x").unwrap();
     assert_eq!(
         m.read(m.hpa(0x21_0000), 1),
@@ -135,7 +131,10 @@ fn rollovers_do_not_break_it() {
         at = to;
         vcpu.put().unwrap();
     }
-    assert!(m.smmu.stats().broadcasts > 0);
+    assert!(
+        m.smmu.stats().broadcasts > 0,
+        "ALLE1IS and VAE1IS reached the SMMU"
+    );
 }
 
 #[test]
@@ -191,7 +190,7 @@ fn without_btm_the_smmu_ignores_broadcasts() {
     n.guest.unmap(VA, 0x1000);
     n.guest.map(VA, 0x51_0000, 0x1000);
     // CR2.PTM = 1: the broadcast is not acted on.
-    assert!(!vcpu_tlbi_vae1is(&m, &vcpu, n.guest.asid, VA));
+    assert_eq!(vcpu_tlbi_vae1is(&vcpu, n.guest.asid, VA).smmu_honoured, 0);
     dma_write(&m, 0x83, VA, b"y").unwrap();
     assert_eq!(
         m.read(m.hpa(0x50_0000), 1),
