@@ -33,11 +33,13 @@ pub enum Errno {
     EMSGSIZE = 90,
     EOPNOTSUPP = 95,
     EADDRINUSE = 98,
+    /// A driver's command queue did not complete (arm-smmu-v3's CMD_SYNC timeout).
+    ETIMEDOUT = 110,
 }
 
 impl Errno {
     /// Every value, for table-driven code.
-    pub const ALL: [Errno; 23] = [
+    pub const ALL: [Errno; 24] = [
         Errno::EPERM,
         Errno::ENOENT,
         Errno::EIO,
@@ -61,6 +63,7 @@ impl Errno {
         Errno::EMSGSIZE,
         Errno::EOPNOTSUPP,
         Errno::EADDRINUSE,
+        Errno::ETIMEDOUT,
     ];
 
     /// The positive errno number (what `errno` holds after a failed syscall).
@@ -99,6 +102,7 @@ impl Errno {
             Errno::EMSGSIZE => "EMSGSIZE",
             Errno::EOPNOTSUPP => "EOPNOTSUPP",
             Errno::EADDRINUSE => "EADDRINUSE",
+            Errno::ETIMEDOUT => "ETIMEDOUT",
         }
     }
 
@@ -128,6 +132,7 @@ impl Errno {
             Errno::EMSGSIZE => "Message too long",
             Errno::EOPNOTSUPP => "Operation not supported",
             Errno::EADDRINUSE => "Address already in use",
+            Errno::ETIMEDOUT => "Connection timed out",
         }
     }
 }
@@ -163,6 +168,7 @@ mod tests {
         assert_eq!(Errno::EMSGSIZE.raw(), 90);
         assert_eq!(Errno::EOPNOTSUPP.raw(), 95);
         assert_eq!(Errno::EADDRINUSE.raw(), 98);
+        assert_eq!(Errno::ETIMEDOUT.raw(), 110);
     }
 
     #[test]
