@@ -660,10 +660,15 @@ impl Pe {
             }
             None => {
                 inc(&self.counters.tlb_misses);
-                (self.s1_walk(s1, s2, ctx.vmid, tag, va, key_va)?, false)
+                (
+                    self.s1_walk(s1, s2, ctx.vmid, tag, (va, key_va), access)?,
+                    false,
+                )
             }
         };
-        // Stage 1 permissions first, then stage 2 on the output IPA.
+        // Stage 1 permissions first, then stage 2 on the output IPA (DDI0487 fault
+        // prioritisation; IHI0070 7.3.22 for the SMMU). A walk has checked stage 1
+        // already, before translating the output IPA; a hit checks it here.
         if let Some((p, ctl, level)) = e.perms.s1
             && check_s1(p, access, ctl).is_err()
         {
@@ -689,16 +694,17 @@ impl Pe {
         })
     }
 
-    /// Walks stage 1 (each table address through stage 2 when nested), then stage 2 of the
-    /// output IPA; inserts the entry unless an invalidation ran meanwhile.
+    /// Walks stage 1 (each table address through stage 2 when nested), checks the stage-1
+    /// permissions for `access` when nested, then stage 2 of the output IPA; inserts the
+    /// entry unless an invalidation ran meanwhile.
     fn s1_walk(
         &self,
         s1: &Stage1Config,
         s2: Option<Option<Stage2Config>>,
         vmid: u16,
         tag: Ctx,
-        va: u64,
-        key_va: u64,
+        (va, key_va): (u64, u64),
+        access: Access,
     ) -> Result<TlbEntry, PeFault> {
         inc(&self.counters.walks_s1);
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
@@ -744,6 +750,16 @@ impl Pe {
                 },
             },
             Some(s2c) => {
+                // A stage-1 Permission fault is found on the final stage-1 descriptor,
+                // before the output IPA is translated by stage 2, so it wins over any
+                // stage-2 fault of that IPA (DDI0487 D8; IHI0070 7.3.22 likewise).
+                if check_s1(perms, access, ctl).is_err() {
+                    return Err(PeFault::s1(Fault::new(
+                        FaultKind::Permission,
+                        t.level,
+                        Stage::Stage1,
+                    )));
+                }
                 let ipa = t.output;
                 let (h, _) = self.s2_lookup(vmid, s2c.as_ref(), ipa)?;
                 // Combined size = min(stage-1 size, stage-2 size) (smmu_kvm.md §4.10).

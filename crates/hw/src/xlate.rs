@@ -1366,11 +1366,13 @@ impl Smmu {
             }
             None => {
                 inc(&self.counters.tlb_misses);
-                self.s1_walk(va, key_va, sel, s2, ctx)?
+                self.s1_walk(va, key_va, sel, s2, ctx, access)?
             }
         };
-        // Permissions: stage 1 first, then stage 2 (IHI0070 3.3.3); a stage-2 permission
-        // fault on the output is CLASS = IN with the IPA.
+        // Permissions: stage 1 first, then stage 2 (IHI0070 7.3.22: the final stage-1
+        // descriptor's F_PERMISSION comes before any fault of the output IPA's stage 2); a
+        // stage-2 permission fault on the output is CLASS = IN with the IPA. A walk has
+        // already checked stage 1 (before translating the output); a hit checks it here.
         if let Some((p, ctl, level)) = entry.perms.s1
             && check_s1(p, access, ctl).is_err()
         {
@@ -1405,7 +1407,9 @@ impl Smmu {
     }
 
     /// Walks stage 1 (and stage 2 for every table address and the output, when nested),
-    /// inserts the resulting entry and returns it. Permission checks are the caller's.
+    /// inserts the resulting entry and returns it. When nested, the stage-1 permission
+    /// check for `access` comes between the stage-1 walk and stage 2 of the output IPA
+    /// (IHI0070 7.3.22); the stage-2 permission check on the output is the caller's.
     fn s1_walk(
         &self,
         va: u64,
@@ -1413,6 +1417,7 @@ impl Smmu {
         sel: &S1Sel,
         s2: Option<&S2Config>,
         ctx: Ctx,
+        access: Access,
     ) -> Result<TlbEntry, Fail> {
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
         inc(&self.counters.walks_s1);
@@ -1494,9 +1499,20 @@ impl Smmu {
                 },
             },
             Some(s2c) => {
+                // IHI0070 7.3.22 (nested walk, steps 4 and 5): the final stage-1
+                // descriptor's F_ACCESS and F_PERMISSION come before anything stage 2 of
+                // the output IPA can raise; that walk only happens once stage 1 has
+                // granted the access. So a stage-1 Permission fault is reported (S2 = 0)
+                // even when the output IPA would also fault at stage 2.
+                if check_s1(s1perms, access, ctl).is_err() {
+                    return Err(self.s1_fault(
+                        sel,
+                        twinmmu_vmsa::Fault::new(FaultKind::Permission, t.level, Stage::Stage1),
+                    ));
+                }
                 // Stage 2 of the output IPA. Its permission check is done on the combined
-                // entry by the caller, so ask for a read the table walk would need anyway
-                // and check the real access later; a read-denied page still caches.
+                // entry by the caller (an entry whose stage 2 denies this access still
+                // caches, for the accesses it allows).
                 let ipa = t.output;
                 let h = self.s2_translate_nocheck(s2c, ipa)?;
                 // Combined size = min(S1, S2) (smmu_kvm.md §4.10).

@@ -543,3 +543,108 @@ fn permissions_are_checked_on_hits_too() {
     }
     assert_eq!(pe.stats().tlb_hits, 2, "the write faults were TLB hits");
 }
+
+/// A stage-1 Permission fault is found on the final stage-1 descriptor, before stage 2
+/// translates the output IPA, so it is the fault reported when that IPA would also fault
+/// at stage 2 (DDI0487 fault prioritisation, as IHI0070 7.3.22 for the SMMU): on a walk
+/// (output IPA unmapped at stage 2) and on a hit of a combined entry (stage 2 read-only).
+#[test]
+fn stage1_permission_fault_comes_before_stage2_of_the_output() {
+    let m = mem();
+    let walk = WalkMem(&*m);
+    let fmt = TableFormat::stage2(Granule::Size4K, 40, 1, PaSize::Bits48).unwrap();
+    let mut s2 =
+        TableBuilder::new(fmt, &walk, BumpAllocator::new(RAM + 0xf00_0000, 0x40_0000)).unwrap();
+    s2.map(IPA0, RAM, 0x200_0000, S2LeafAttrs::rw().bits())
+        .unwrap();
+    let s2_ro = S2LeafAttrs {
+        write: false,
+        ..S2LeafAttrs::rw()
+    };
+    s2.map(IPA0 + 0x200_0000, RAM + 0x300_0000, 0x1000, s2_ro.bits())
+        .unwrap();
+    let s2cfg = Stage2Config::new(
+        &Stage2Params {
+            s2ttb: s2.root(),
+            s2t0sz: 24,
+            s2sl0: 1,
+            s2tg: Granule::Size4K.s2tg(),
+            s2ps: PaSize::Bits48.encoding(),
+            ..Default::default()
+        },
+        &Features::default(),
+    )
+    .unwrap();
+    let fmt1 = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
+    let mut s1 = TableBuilder::new(
+        fmt1,
+        Ipa(&m),
+        BumpAllocator::new(IPA0 + 0x100_0000, 0x40_0000),
+    )
+    .unwrap();
+    let s1_ro = S1LeafAttrs {
+        not_global: true,
+        read_only: true,
+        ..S1LeafAttrs::rw()
+    };
+    // VA 0x10_0000 → an IPA stage 2 does not map; VA 0x10_1000 → the read-only IPA page.
+    s1.map(0x10_0000, IPA0 + 0x400_0000, 0x1000, s1_ro.bits())
+        .unwrap();
+    s1.map(0x10_1000, IPA0 + 0x200_0000, 0x1000, s1_ro.bits())
+        .unwrap();
+    let s1cfg = Stage1Config::new(
+        &Stage1Params {
+            ttb: [
+                TtbParams {
+                    ttb: s1.root(),
+                    tsz: 16,
+                    tg: Granule::Size4K.tg0(),
+                    ..Default::default()
+                },
+                TtbParams {
+                    epd: true,
+                    ..Default::default()
+                },
+            ],
+            ips: PaSize::Bits48.encoding(),
+            ..Default::default()
+        },
+        &Features::default(),
+    )
+    .unwrap();
+    let dvm = Dvm::new(DvmConfig::new(1), m.clone());
+    let pe = &dvm.pes()[0];
+    pe.set_context(PeContext::guest(2, Some(s2cfg)).with_stage1(Some(s1cfg), 1));
+    let rd = Access::new(AccessKind::Read, true);
+    let wr = Access::new(AccessKind::Write, true);
+
+    // A read: stage 1 grants it; stage 2 of the output IPA faults.
+    let f = pe.translate(0x10_0010, rd).unwrap_err();
+    assert_eq!(
+        (f.fault.kind, f.fault.stage, f.ipa),
+        (
+            FaultKind::Translation,
+            Stage::Stage2,
+            Some(IPA0 + 0x400_0010)
+        )
+    );
+    // A write, on a walk: the stage-1 Permission fault, and no stage-2 walk of the output.
+    let before = pe.stats();
+    let f = pe.translate(0x10_0010, wr).unwrap_err();
+    let after = pe.stats();
+    assert_eq!(
+        (f.fault.kind, f.fault.stage, f.ipa),
+        (FaultKind::Permission, Stage::Stage1, None)
+    );
+    assert_eq!(after.walks_s1 - before.walks_s1, 1);
+    assert_eq!(after.walks_s2, before.walks_s2, "output IPA not walked");
+
+    // A write, on a hit of the combined entry whose stage 2 is read-only too: stage 1.
+    assert!(pe.translate(0x10_1010, rd).is_ok());
+    let f = pe.translate(0x10_1010, wr).unwrap_err();
+    assert_eq!(
+        (f.fault.kind, f.fault.stage, f.ipa),
+        (FaultKind::Permission, Stage::Stage1, None)
+    );
+    assert!(pe.translate(0x10_1010, rd).unwrap().tlb_hit);
+}
