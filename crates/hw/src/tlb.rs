@@ -39,8 +39,9 @@ pub enum Kind {
     Nested = 2,
 }
 
-/// A TLB context tag, packed into a u64 (the hash-map key's first half).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A TLB context tag, packed into a u64 (the hash-map key's first half). The default is
+/// NS-EL1, stage 1, VMID 0, ASID 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Ctx(u64);
 
 impl Ctx {
@@ -102,7 +103,7 @@ fn vmid_key(world: World, vmid: u16) -> u32 {
 
 /// Permissions and levels of an entry: what a hit needs to re-check the access and, on a
 /// Permission fault, to report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EntryPerms {
     pub s1: Option<(S1Perms, S1Controls, u8)>,
     /// Stage-2 permissions, level, and whether stage 2 maps Device memory (S2PTW).
@@ -110,7 +111,7 @@ pub struct EntryPerms {
 }
 
 /// One cached translation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TlbEntry {
     pub ctx: Ctx,
     /// Input base (VA or IPA), aligned to the size.
@@ -159,6 +160,9 @@ struct CtxTlb {
     size_count: [u32; 64],
     sizes: u64,
     max_shift: u8,
+    /// An owner's lookup index over the entries dropped one of this incarnation's entries
+    /// while the store kept it ([`Tlb::mark_lossy`]): a miss there is not a miss here.
+    lossy: bool,
 }
 
 impl Default for CtxTlb {
@@ -170,6 +174,7 @@ impl Default for CtxTlb {
             size_count: [0; 64],
             sizes: 0,
             max_shift: 0,
+            lossy: false,
         }
     }
 }
@@ -194,6 +199,7 @@ impl CtxTlb {
         self.size_count = [0; 64];
         self.sizes = 0;
         self.max_shift = 0;
+        self.lossy = false;
     }
 
     fn remove(&mut self, e: &TlbEntry) {
@@ -258,6 +264,17 @@ impl InvScope {
     }
 }
 
+/// What [`Tlb::insert_with`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    /// It replaced an entry of the same context, base and size (else it is new).
+    pub replaced: bool,
+    /// The id of the context incarnation holding it ([`Tlb::context_id`]).
+    pub ctx_id: u64,
+    /// That context is lossy ([`Tlb::mark_lossy`]).
+    pub lossy: bool,
+}
+
 /// Counters of the main TLB.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TlbCounters {
@@ -292,6 +309,8 @@ pub struct Tlb {
     log_removals: bool,
     /// The id the next context created gets (ids are never reused).
     next_id: u64,
+    /// The live contexts by id.
+    by_id: HashMap<u64, Ctx, FxBuildHasher>,
     /// Non-empty contexts removed whole so far.
     whole_drops: u64,
 }
@@ -317,6 +336,7 @@ impl Tlb {
             removed_log: Vec::new(),
             log_removals: false,
             next_id: 1,
+            by_id: HashMap::default(),
             whole_drops: 0,
         }
     }
@@ -342,17 +362,26 @@ impl Tlb {
         self.ctxs.get(&ctx).map(|c| c.id)
     }
 
+    /// [`Tlb::context_id`], with whether the context is lossy ([`Tlb::mark_lossy`]).
+    pub fn context_state(&self, ctx: Ctx) -> Option<(u64, bool)> {
+        self.ctxs.get(&ctx).map(|c| (c.id, c.lossy))
+    }
+
+    /// Records that an owner's lookup index over the entries (the SMMU's hit array) has
+    /// dropped an entry of context incarnation `id` that the store still holds, so the
+    /// index no longer answers for the whole context. Returns the context, if `id` is
+    /// live.
+    pub fn mark_lossy(&mut self, id: u64) -> Option<Ctx> {
+        let ctx = *self.by_id.get(&id)?;
+        let c = self.ctxs.get_mut(&ctx)?;
+        c.lossy = true;
+        Some(ctx)
+    }
+
     /// How many non-empty contexts have been removed whole (their ids retired) so far;
     /// [`Tlb::clear`] counts as one.
     pub fn whole_context_drops(&self) -> u64 {
         self.whole_drops
-    }
-
-    fn log_removed(&mut self, e: TlbEntry) {
-        if self.log_removals {
-            let id = self.ctxs.get(&e.ctx).map_or(0, |c| c.id);
-            self.removed_log.push((e, id));
-        }
     }
 
     pub fn len(&self) -> usize {
@@ -414,16 +443,32 @@ impl Tlb {
     pub fn insert_reporting_with(
         &mut self,
         e: TlbEntry,
-        mut used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
+        used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
     ) -> bool {
+        self.insert_with(e, used_elsewhere).replaced
+    }
+
+    /// [`Tlb::insert_reporting_with`], also giving the id of the context holding `e`.
+    pub fn insert_with(
+        &mut self,
+        e: TlbEntry,
+        mut used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
+    ) -> Inserted {
         let key = page_key(e.in_base, e.shift);
         if let Some(c) = self.ctxs.get(&e.ctx)
             && let Some(&i) = c.map.get(&key)
             && let Some(Some(slot)) = self.slots.get_mut(i as usize)
         {
             let old = std::mem::replace(&mut slot.entry, e);
-            self.log_removed(old);
-            return true;
+            let ctx_id = slot.ctx_id;
+            if self.log_removals {
+                self.removed_log.push((old, ctx_id));
+            }
+            return Inserted {
+                replaced: true,
+                ctx_id,
+                lossy: c.lossy,
+            };
         }
         if self.len >= self.capacity {
             self.evict_one(&mut used_elsewhere);
@@ -465,8 +510,10 @@ impl Tlb {
         });
         c.map.insert(key, i);
         c.by_addr.insert(e.in_base | u64::from(e.shift), i);
+        let ctx_id = c.id;
+        let lossy = c.lossy;
         if let Some(Some(sl)) = self.slots.get_mut(i as usize) {
-            sl.ctx_id = c.id;
+            sl.ctx_id = ctx_id;
         }
         let s = usize::from(e.shift & 63);
         c.size_count[s] += 1;
@@ -477,6 +524,7 @@ impl Tlb {
                 .entry(e.ctx.vmid_key())
                 .or_default()
                 .insert(e.ctx);
+            self.by_id.insert(ctx_id, e.ctx);
             self.collect_empty_contexts();
         }
         if e.ctx.asid().is_none() {
@@ -484,7 +532,11 @@ impl Tlb {
         }
         self.len += 1;
         self.counters.inserts += 1;
-        false
+        Inserted {
+            replaced: false,
+            ctx_id,
+            lossy,
+        }
     }
 
     /// Empty contexts are kept (so a context that empties and refills does not churn its
@@ -496,6 +548,7 @@ impl Tlb {
         }
         self.ctxs.retain(|_, c| !c.map.is_empty());
         let ctxs = &self.ctxs;
+        self.by_id.retain(|_, c| ctxs.contains_key(c));
         self.by_vmid.retain(|_, set| {
             set.retain(|c| ctxs.contains_key(c));
             !set.is_empty()
@@ -527,7 +580,9 @@ impl Tlb {
     fn remove_slot(&mut self, i: u32) -> Option<TlbEntry> {
         let slot = self.slots.get_mut(i as usize)?.take()?;
         let e = slot.entry;
-        self.log_removed(e);
+        if self.log_removals {
+            self.removed_log.push((e, slot.ctx_id));
+        }
         if let Some(c) = self.ctxs.get_mut(&e.ctx) {
             c.remove(&e);
         }
@@ -545,6 +600,7 @@ impl Tlb {
         let Some(t) = self.ctxs.remove(&c) else {
             return 0;
         };
+        self.by_id.remove(&t.id);
         if let Some(set) = self.by_vmid.get_mut(&c.vmid_key()) {
             set.remove(&c);
             if set.is_empty() {
@@ -636,6 +692,7 @@ impl Tlb {
         let n = self.len;
         self.whole_drops += 1;
         self.ctxs.clear();
+        self.by_id.clear();
         self.slots.clear();
         self.free.clear();
         self.hand = 0;
@@ -874,6 +931,38 @@ mod tests {
                 .collect::<Vec<_>>(),
             [0x5000]
         );
+    }
+
+    #[test]
+    fn lossy_marks_follow_the_context_incarnation() {
+        let mut t = Tlb::new(16);
+        let a = ctx(1, Some(1));
+        let ins = t.insert_with(entry(a, 0x1000, 12), |_, _| false);
+        assert_eq!((ins.replaced, ins.lossy), (false, false));
+        assert_eq!(t.context_state(a), Some((ins.ctx_id, false)));
+        assert_eq!(t.mark_lossy(ins.ctx_id), Some(a));
+        assert_eq!(t.context_state(a), Some((ins.ctx_id, true)));
+        let again = t.insert_with(entry(a, 0x1000, 12), |_, _| false);
+        assert_eq!(
+            (again.replaced, again.ctx_id, again.lossy),
+            (true, ins.ctx_id, true)
+        );
+        // Dropped whole: the id retires; a new incarnation starts exact.
+        let all = InvScope {
+            worlds: 1,
+            kinds: InvScope::ALL_KINDS,
+            vmid: Some(1),
+            asid: AsidMatch::Any,
+            skip_aset: false,
+            range: None,
+        };
+        assert_eq!(t.invalidate(&all), 1);
+        assert_eq!(t.mark_lossy(ins.ctx_id), None, "a retired id names nothing");
+        let new = t.insert_with(entry(a, 0x2000, 12), |_, _| false);
+        assert_ne!(new.ctx_id, ins.ctx_id);
+        assert_eq!(t.context_state(a), Some((new.ctx_id, false)));
+        t.clear();
+        assert_eq!(t.mark_lossy(new.ctx_id), None);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use crate::smmu::{Live, Smmu, inc};
 use crate::ste::{
     AttrOverride, L1Std, S1Ctx, S1Dss, S2Config, Ste, StreamConfig, StreamWorld, decode_ste,
 };
-use crate::tlb::{Ctx, EntryPerms, Kind, TlbEntry, World};
+use crate::tlb::{Ctx, EntryPerms, Kind, Tlb, TlbEntry, World};
 
 /// One transaction at the SMMU's input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -913,7 +913,7 @@ impl Smmu {
                 if txn.addr >> self.cfg.oas_bits != 0 {
                     return Err(Fail::Fault(XFault::config(EventType::FAddrSize)));
                 }
-                let h = self.s2_translate(&s2, txn.addr, access, FaultClass::In)?;
+                let h = self.s2_translate(&s2, txn.addr, access, FaultClass::In, None)?;
                 self.fill_ctx(
                     txn,
                     &slow,
@@ -1096,30 +1096,9 @@ impl Smmu {
         ipa: u64,
         access: Access,
         class: FaultClass,
+        batch: Option<&mut Batch>,
     ) -> Result<S2Hit, Fail> {
-        let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
-        let cached = self.tlb_lookup(ctx, ipa);
-        let h = match cached {
-            Some(e) => {
-                inc(&self.counters.tlb_hits);
-                let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
-                S2Hit {
-                    pa: e.output(ipa),
-                    in_base: e.in_base,
-                    shift: e.shift,
-                    out_base: e.out_base,
-                    perms,
-                    level,
-                    device,
-                    tg_shift: e.tg_shift,
-                }
-            }
-            None => {
-                inc(&self.counters.tlb_misses);
-                self.s2_walk(s2, ipa, ctx)
-                    .map_err(|f| self.s2_fault(s2, f, ipa, class))?
-            }
-        };
+        let h = self.s2_entry(s2, ipa, class, batch)?;
         if check_s2(h.perms, access).is_err() {
             return Err(self.s2_fault(
                 s2,
@@ -1131,35 +1110,94 @@ impl Smmu {
         Ok(h)
     }
 
+    /// The stage-2 entry of `ipa` (no permission check): the TLB (and the entries `batch`
+    /// holds for insertion), else a walk, whose entry goes into `batch` when there is one
+    /// and into the TLB at once otherwise.
+    fn s2_entry(
+        &self,
+        s2: &S2Config,
+        ipa: u64,
+        class: FaultClass,
+        batch: Option<&mut Batch>,
+    ) -> Result<S2Hit, Fail> {
+        let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
+        let cached = match batch.as_deref().and_then(|b| b.find(ctx, ipa)) {
+            Some(e) => Some(e),
+            None => self.tlb_lookup(ctx, ipa),
+        };
+        if let Some(e) = cached {
+            inc(&self.counters.tlb_hits);
+            let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
+            return Ok(S2Hit {
+                pa: e.output(ipa),
+                in_base: e.in_base,
+                shift: e.shift,
+                out_base: e.out_base,
+                perms,
+                level,
+                device,
+                tg_shift: e.tg_shift,
+            });
+        }
+        inc(&self.counters.tlb_misses);
+        self.s2_walk(s2, ipa, ctx, batch)
+            .map_err(|f| self.s2_fault(s2, f, ipa, class))
+    }
+
     pub(crate) fn tlb_insert(&self, e: TlbEntry, gen0: u64) {
+        self.tlb_insert_all(&[e], gen0);
+    }
+
+    /// Inserts `entries` in order under one acquisition of the store lock, unless an
+    /// invalidation ran since `gen0` was read (before the walks that made them began).
+    pub(crate) fn tlb_insert_all(&self, entries: &[TlbEntry], gen0: u64) {
+        if entries.is_empty() {
+            return;
+        }
         let mut t = self.tlb.lock();
         // An invalidation since the walk started may have covered what it read.
-        if self.tlb_gen.load(Ordering::Acquire) == gen0 {
+        if self.tlb_gen.load(Ordering::Acquire) != gen0 {
+            return;
+        }
+        // Under the store lock the generation is exact for the ids read there.
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        for e in entries {
             // Entries hit through the array are referenced there: CLOCK asks it.
-            let replaced = t.insert_reporting_with(e, |old, id| self.hit.take_referenced(id, old));
+            let ins = t.insert_with(*e, |old, id| self.hit.take_referenced(id, old));
             // What the store evicted or replaced leaves the lookup array first.
             for (old, id) in t.drain_removed() {
                 self.hit.remove(id, &old);
             }
-            if let Some(id) = t.context_id(e.ctx) {
-                if replaced {
-                    self.hit.insert(id, &e);
-                } else {
-                    self.hit.insert_new(id, &e);
-                }
-                // Under the store lock the generation is exact for the ids read there.
-                let generation = self.ctx_gen.load(Ordering::Acquire);
-                if self.ids.lookup(e.ctx, generation) != Some(id) {
-                    self.ids.fill(e.ctx, id, generation);
-                }
+            let dropped = if ins.replaced {
+                self.hit.insert(ins.ctx_id, e)
+            } else {
+                self.hit.insert_new(ins.ctx_id, e)
+            };
+            if self.ids.lookup_state(e.ctx, generation) != Some((ins.ctx_id, ins.lossy)) {
+                self.ids.fill(e.ctx, ins.ctx_id, ins.lossy, generation);
             }
+            self.array_dropped(&mut t, dropped, generation);
+        }
+    }
+
+    /// The lookup array gave up an entry of context incarnation `dropped` (a full set) that
+    /// the store keeps: the context becomes lossy, in the store and in the id cache, so its
+    /// array misses go to the store again. Under the store lock.
+    fn array_dropped(&self, t: &mut Tlb, dropped: Option<u64>, generation: u64) {
+        if let Some(id) = dropped
+            && let Some(c) = t.mark_lossy(id)
+            && self.ids.lookup(c, generation) == Some(id)
+        {
+            self.ids.fill(c, id, true, generation);
         }
     }
 
     /// A slow-path main-TLB lookup (for an ASID-tagged context a global entry of the same
     /// context also matches, IHI0070 3.17.1): the lookup array, when the ids of the
-    /// contexts are known under the current generation, then the store under its lock,
-    /// whose hit goes into the array.
+    /// contexts are known under the current generation; then, unless the array holds every
+    /// entry of both contexts (neither is lossy), the store under its lock, whose hit goes
+    /// into the array. A miss is always safe (the caller walks), so an id that went stale
+    /// since the cache recorded it costs a walk, never a wrong translation.
     pub(crate) fn tlb_lookup(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
         self.tlb_lookup_from(ctx, addr, None)
     }
@@ -1170,32 +1208,39 @@ impl Smmu {
         let generation = self.ctx_gen.load(Ordering::Acquire);
         let global = ctx.asid().is_some().then(|| ctx.global());
         // Ids known under the current generation (0: the context holds no entries).
-        let own = self.ids.lookup(ctx, generation);
-        let twin = global.and_then(|g| self.ids.lookup(g, generation));
-        let ids = [own.unwrap_or(0), twin.unwrap_or(0)];
+        let own = self.ids.lookup_state(ctx, generation);
+        let twin = global.and_then(|g| self.ids.lookup_state(g, generation));
+        let ids = [own.map_or(0, |s| s.0), twin.map_or(0, |s| s.0)];
         if probed != Some(ids)
             && ids != [0, 0]
             && let Some(e) = self.hit.lookup(ids, [ctx, global.unwrap_or(ctx)], addr)
         {
             return Some(e);
         }
-        let t = self.tlb.lock();
+        // Both contexts known and not lossy: the array has answered for the store too.
+        let exact = |s: Option<(u64, bool)>| s.is_some_and(|(_, lossy)| !lossy);
+        if exact(own) && (global.is_none() || exact(twin)) {
+            return None;
+        }
+        let mut t = self.tlb.lock();
         // Under the store lock the generation is exact for the ids read there. Ids the
         // cache did not know are recorded (0: the context holds nothing); a known one is
         // corrected below if the store answers from another incarnation.
         let generation = self.ctx_gen.load(Ordering::Acquire);
         for (c, cached) in [(Some(ctx), own), (global, twin)] {
             if let (Some(c), None) = (c, cached) {
-                self.ids.fill(c, t.context_id(c).unwrap_or(0), generation);
+                let (id, lossy) = t.context_state(c).unwrap_or((0, false));
+                self.ids.fill(c, id, lossy, generation);
             }
         }
         let e = t.lookup(ctx, addr)?;
-        if let Some(id) = t.context_id(e.ctx) {
-            self.hit.insert(id, &e);
+        if let Some((id, lossy)) = t.context_state(e.ctx) {
+            let dropped = self.hit.insert(id, &e);
             let known = if e.ctx == ctx { own } else { twin };
-            if known.is_some_and(|k| k != id) {
-                self.ids.fill(e.ctx, id, generation);
+            if known.is_some_and(|k| k != (id, lossy)) {
+                self.ids.fill(e.ctx, id, lossy, generation);
             }
+            self.array_dropped(&mut t, dropped, generation);
         }
         Some(e)
     }
@@ -1209,6 +1254,7 @@ impl Smmu {
                     addr,
                     Access::new(AccessKind::Read, true),
                     FaultClass::Cd,
+                    None,
                 )?
                 .pa
             }
@@ -1266,6 +1312,7 @@ impl Smmu {
                     cd_addr,
                     Access::new(AccessKind::Read, true),
                     FaultClass::Cd,
+                    None,
                 )?
                 .pa
             }
@@ -1419,7 +1466,32 @@ impl Smmu {
         ctx: Ctx,
         access: Access,
     ) -> Result<TlbEntry, Fail> {
+        // Read before any walk: what the walks read is inserted only if no invalidation
+        // ran since.
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
+        let mut batch = Batch::default();
+        let r = self.s1_walk_in(va, key_va, sel, s2, ctx, access, &mut batch);
+        if let Ok(e) = r {
+            batch.push(self, e, gen0);
+        }
+        // The stage-2 entries of the walk (and its combined entry) go in together, also
+        // when a later step faulted: one acquisition of the store lock for all of them.
+        self.tlb_insert_all(batch.entries(), gen0);
+        r
+    }
+
+    /// [`Smmu::s1_walk`] before the insertion: the entries it makes go into `batch`.
+    #[allow(clippy::too_many_arguments)]
+    fn s1_walk_in(
+        &self,
+        va: u64,
+        key_va: u64,
+        sel: &S1Sel,
+        s2: Option<&S2Config>,
+        ctx: Ctx,
+        access: Access,
+        batch: &mut Batch,
+    ) -> Result<TlbEntry, Fail> {
         inc(&self.counters.walks_s1);
         let mem = WalkMem(&*self.mem);
         let w = match s2 {
@@ -1444,6 +1516,7 @@ impl Smmu {
                         ipa,
                         Access::new(AccessKind::Read, true),
                         FaultClass::Tt,
+                        Some(&mut *batch),
                     )?;
                     // STE.S2PTW: a walk access to Device memory is a stage-2 Permission
                     // fault (IHI0070 5.2 S2PTW).
@@ -1514,7 +1587,7 @@ impl Smmu {
                 // entry by the caller (an entry whose stage 2 denies this access still
                 // caches, for the accesses it allows).
                 let ipa = t.output;
-                let h = self.s2_translate_nocheck(s2c, ipa)?;
+                let h = self.s2_entry(s2c, ipa, FaultClass::In, Some(batch))?;
                 // Combined size = min(S1, S2) (smmu_kvm.md §4.10).
                 let shift = t.block_shift.min(h.shift);
                 let mask = !((1u64 << shift) - 1);
@@ -1532,37 +1605,19 @@ impl Smmu {
                 }
             }
         };
-        self.tlb_insert(e, gen0);
         Ok(e)
     }
 
-    /// Stage 2 of a nested stage-1 output (CLASS = IN) without the permission check.
-    fn s2_translate_nocheck(&self, s2: &S2Config, ipa: u64) -> Result<S2Hit, Fail> {
-        // An access every S2 descriptor grants for the purpose of the lookup is not
-        // expressible, so look up and walk directly.
-        let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
-        if let Some(e) = self.tlb_lookup(ctx, ipa) {
-            inc(&self.counters.tlb_hits);
-            let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
-            return Ok(S2Hit {
-                pa: e.output(ipa),
-                in_base: e.in_base,
-                shift: e.shift,
-                out_base: e.out_base,
-                perms,
-                level,
-                device,
-                tg_shift: e.tg_shift,
-            });
-        }
-        inc(&self.counters.tlb_misses);
-        self.s2_walk(s2, ipa, ctx)
-            .map_err(|f| self.s2_fault(s2, f, ipa, FaultClass::In))
-    }
-
     /// Walks stage 2 for `ipa`, counting every descriptor read by level, and caches the
-    /// result as an S2 entry of `ctx` unless an invalidation ran meanwhile.
-    fn s2_walk(&self, s2: &S2Config, ipa: u64, ctx: Ctx) -> Result<S2Hit, twinmmu_vmsa::Fault> {
+    /// result as an S2 entry of `ctx`: into `batch`, or at once unless an invalidation ran
+    /// meanwhile.
+    fn s2_walk(
+        &self,
+        s2: &S2Config,
+        ipa: u64,
+        ctx: Ctx,
+        batch: Option<&mut Batch>,
+    ) -> Result<S2Hit, twinmmu_vmsa::Fault> {
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
         inc(&self.counters.walks_s2);
         let mut count = |pa: u64, level: u8| -> Result<u64, std::convert::Infallible> {
@@ -1587,22 +1642,56 @@ impl Smmu {
             device: t.attrs.is_device(),
             tg_shift: t.granule.bits() as u8,
         };
-        self.tlb_insert(
-            TlbEntry {
-                ctx,
-                in_base: h.in_base,
-                shift: h.shift,
-                out_base: h.out_base,
-                ipa_base: h.in_base,
-                tg_shift: h.tg_shift,
-                perms: EntryPerms {
-                    s1: None,
-                    s2: Some((h.perms, h.level, h.device)),
-                },
+        let e = TlbEntry {
+            ctx,
+            in_base: h.in_base,
+            shift: h.shift,
+            out_base: h.out_base,
+            ipa_base: h.in_base,
+            tg_shift: h.tg_shift,
+            perms: EntryPerms {
+                s1: None,
+                s2: Some((h.perms, h.level, h.device)),
             },
-            gen0,
-        );
+        };
+        match batch {
+            Some(b) => b.push(self, e, gen0),
+            None => self.tlb_insert(e, gen0),
+        }
         Ok(h)
+    }
+}
+
+/// The entries one nested translation makes (stage 2 of each stage-1 table IPA and of the
+/// output, then the combined entry), inserted together at its end under one acquisition of
+/// the store lock. Its own later stage-2 lookups see them (two table IPAs in one stage-2
+/// block, say).
+#[derive(Default)]
+pub(crate) struct Batch {
+    n: usize,
+    e: [TlbEntry; 8],
+}
+
+impl Batch {
+    fn entries(&self) -> &[TlbEntry] {
+        &self.e[..self.n]
+    }
+
+    /// Adds `e`; a full batch is inserted first (made under `gen0`).
+    fn push(&mut self, smmu: &Smmu, e: TlbEntry, gen0: u64) {
+        if self.n == self.e.len() {
+            smmu.tlb_insert_all(self.entries(), gen0);
+            self.n = 0;
+        }
+        self.e[self.n] = e;
+        self.n += 1;
+    }
+
+    fn find(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
+        self.entries()
+            .iter()
+            .find(|e| e.ctx == ctx && e.covers(addr))
+            .copied()
     }
 }
 
