@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use hashbrown::{HashMap, HashSet};
 use rustc_hash::FxBuildHasher;
-use twinmmu_vmsa::{S1Controls, S1Perms, S2Perms};
+use twinmmu_vmsa::{S1Controls, S1Perms, S1Translation, S2Perms, S2Translation};
 
 /// The translation regime an entry belongs to (StreamWorld, IHI0070 3.17).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -126,7 +126,81 @@ pub struct TlbEntry {
     pub perms: EntryPerms,
 }
 
+/// Stage 2 of a nested translation's output IPA, as [`TlbEntry::from_stage1`] combines it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputStage2 {
+    /// The PA of the stage-1 output IPA.
+    pub pa: u64,
+    /// log2 of the stage-2 block or page size.
+    pub shift: u8,
+    pub perms: S2Perms,
+    pub level: u8,
+    /// Stage 2 maps Device memory there.
+    pub device: bool,
+}
+
 impl TlbEntry {
+    /// The entry a stage-1 walk `t` of `key_va` (the canonical VA the entry is keyed by)
+    /// makes in context `ctx` (its global twin when the leaf is global, nG = 0), with the
+    /// stage-1 permissions `s1` as the regime reads them. With `s2`, stage 2 of the output
+    /// IPA, it is the combined (nested) entry, the size of the smaller of the two
+    /// (smmu_kvm.md §4.10). One construction for the SMMU and the PE.
+    pub fn from_stage1(
+        ctx: Ctx,
+        key_va: u64,
+        t: &S1Translation,
+        s1: (S1Perms, S1Controls),
+        s2: Option<OutputStage2>,
+    ) -> TlbEntry {
+        let ctx = if t.global { ctx.global() } else { ctx };
+        let s1 = Some((s1.0, s1.1, t.level));
+        let tg_shift = t.granule.bits() as u8;
+        match s2 {
+            None => TlbEntry {
+                ctx,
+                in_base: key_va & !(t.block_size() - 1),
+                shift: t.block_shift,
+                out_base: t.output_base(),
+                ipa_base: t.output_base(),
+                tg_shift,
+                perms: EntryPerms { s1, s2: None },
+            },
+            Some(h) => {
+                let shift = t.block_shift.min(h.shift);
+                let mask = !((1u64 << shift) - 1);
+                TlbEntry {
+                    ctx,
+                    in_base: key_va & mask,
+                    shift,
+                    out_base: h.pa & mask,
+                    ipa_base: t.output & mask,
+                    tg_shift,
+                    perms: EntryPerms {
+                        s1,
+                        s2: Some((h.perms, h.level, h.device)),
+                    },
+                }
+            }
+        }
+    }
+
+    /// The stage-2 entry (IPA → PA) a stage-2 walk `t` makes in context `ctx`; `device`:
+    /// it maps Device memory (what S2PTW checks).
+    pub fn from_stage2(ctx: Ctx, t: &S2Translation, device: bool) -> TlbEntry {
+        TlbEntry {
+            ctx,
+            in_base: t.input_base(),
+            shift: t.block_shift,
+            out_base: t.output_base(),
+            ipa_base: t.input_base(),
+            tg_shift: t.granule.bits() as u8,
+            perms: EntryPerms {
+                s1: None,
+                s2: Some((t.perms, t.level, device)),
+            },
+        }
+    }
+
     pub fn size(&self) -> u64 {
         1u64 << self.shift
     }

@@ -37,7 +37,7 @@ use crate::smmu::{Live, Smmu, inc};
 use crate::ste::{
     AttrOverride, L1Std, S1Ctx, S1Dss, S2Config, Ste, StreamConfig, StreamWorld, decode_ste,
 };
-use crate::tlb::{Ctx, EntryPerms, Kind, Tlb, TlbEntry, World};
+use crate::tlb::{Ctx, EntryPerms, Kind, OutputStage2, Tlb, TlbEntry, World};
 
 /// One transaction at the SMMU's input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -289,7 +289,22 @@ struct S2Hit {
     perms: S2Perms,
     level: u8,
     device: bool,
-    tg_shift: u8,
+}
+
+impl S2Hit {
+    /// What stage-2 entry `e` says of `ipa`.
+    fn of(e: &TlbEntry, ipa: u64) -> S2Hit {
+        let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
+        S2Hit {
+            pa: e.output(ipa),
+            in_base: e.in_base,
+            shift: e.shift,
+            out_base: e.out_base,
+            perms,
+            level,
+            device,
+        }
+    }
 }
 
 /// Stage-1 context of a stream after CD selection.
@@ -1127,17 +1142,7 @@ impl Smmu {
         };
         if let Some(e) = cached {
             inc(&self.counters.tlb_hits);
-            let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
-            return Ok(S2Hit {
-                pa: e.output(ipa),
-                in_base: e.in_base,
-                shift: e.shift,
-                out_base: e.out_base,
-                perms,
-                level,
-                device,
-                tg_shift: e.tg_shift,
-            });
+            return Ok(S2Hit::of(&e, ipa));
         }
         inc(&self.counters.tlb_misses);
         self.s2_walk(s2, ipa, ctx, batch)
@@ -1556,21 +1561,8 @@ impl Smmu {
         } else {
             (t.perms, sel.cd.walk.controls())
         };
-        // Global (nG = 0) entries are tagged with no ASID.
-        let ectx = if t.global { ctx.global() } else { ctx };
-        let e = match s2 {
-            None => TlbEntry {
-                ctx: ectx,
-                in_base: key_va & !(t.block_size() - 1),
-                shift: t.block_shift,
-                out_base: t.output_base(),
-                ipa_base: t.output_base(),
-                tg_shift: t.granule.bits() as u8,
-                perms: EntryPerms {
-                    s1: Some((s1perms, ctl, t.level)),
-                    s2: None,
-                },
-            },
+        let s2_out = match s2 {
+            None => None,
             Some(s2c) => {
                 // IHI0070 7.3.22 (nested walk, steps 4 and 5): the final stage-1
                 // descriptor's F_ACCESS and F_PERMISSION come before anything stage 2 of
@@ -1586,26 +1578,25 @@ impl Smmu {
                 // Stage 2 of the output IPA. Its permission check is done on the combined
                 // entry by the caller (an entry whose stage 2 denies this access still
                 // caches, for the accesses it allows).
-                let ipa = t.output;
-                let h = self.s2_entry(s2c, ipa, FaultClass::In, Some(batch))?;
-                // Combined size = min(S1, S2) (smmu_kvm.md §4.10).
-                let shift = t.block_shift.min(h.shift);
-                let mask = !((1u64 << shift) - 1);
-                TlbEntry {
-                    ctx: ectx,
-                    in_base: key_va & mask,
-                    shift,
-                    out_base: h.pa & mask,
-                    ipa_base: ipa & mask,
-                    tg_shift: t.granule.bits() as u8,
-                    perms: EntryPerms {
-                        s1: Some((s1perms, ctl, t.level)),
-                        s2: Some((h.perms, h.level, h.device)),
-                    },
-                }
+                let h = self.s2_entry(s2c, t.output, FaultClass::In, Some(batch))?;
+                Some(OutputStage2 {
+                    pa: h.pa,
+                    shift: h.shift,
+                    perms: h.perms,
+                    level: h.level,
+                    device: h.device,
+                })
             }
         };
-        Ok(e)
+        // Global (nG = 0) entries are tagged with no ASID; nested ones are the size of the
+        // smaller stage.
+        Ok(TlbEntry::from_stage1(
+            ctx,
+            key_va,
+            &t,
+            (s1perms, ctl),
+            s2_out,
+        ))
     }
 
     /// Walks stage 2 for `ipa`, counting every descriptor read by level, and caches the
@@ -1632,28 +1623,8 @@ impl Smmu {
                 },
             )?;
         // FEAT_S2FWB is not implemented: MemAttr[3:2] = 0b00 is Device.
-        let h = S2Hit {
-            pa: t.output,
-            in_base: t.input_base(),
-            shift: t.block_shift,
-            out_base: t.output_base(),
-            perms: t.perms,
-            level: t.level,
-            device: t.attrs.is_device(),
-            tg_shift: t.granule.bits() as u8,
-        };
-        let e = TlbEntry {
-            ctx,
-            in_base: h.in_base,
-            shift: h.shift,
-            out_base: h.out_base,
-            ipa_base: h.in_base,
-            tg_shift: h.tg_shift,
-            perms: EntryPerms {
-                s1: None,
-                s2: Some((h.perms, h.level, h.device)),
-            },
-        };
+        let e = TlbEntry::from_stage2(ctx, &t, t.attrs.is_device());
+        let h = S2Hit::of(&e, ipa);
         match batch {
             Some(b) => b.push(self, e, gen0),
             None => self.tlb_insert(e, gen0),

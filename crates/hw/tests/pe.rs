@@ -330,45 +330,13 @@ impl MemoryMut for Ipa<'_> {
     }
 }
 
-/// A stage 2 mapping IPA0.. → RAM (40-bit IPA, 4K, start level 1) and a guest stage 1 in
-/// guest memory mapping VA 0x10_0000 (4 pages) to IPA0 + 0x80_0000.
-fn guest_tables(m: &SparseMem) -> (Stage2Config, Stage1Config, u64) {
-    let walk = WalkMem(m);
-    let fmt = TableFormat::stage2(Granule::Size4K, 40, 1, PaSize::Bits48).unwrap();
-    let mut s2 =
-        TableBuilder::new(fmt, &walk, BumpAllocator::new(RAM + 0xf00_0000, 0x40_0000)).unwrap();
-    s2.map(IPA0, RAM, 0x200_0000, S2LeafAttrs::rw().bits())
-        .unwrap();
-    let s2cfg = Stage2Config::new(
-        &Stage2Params {
-            s2ttb: s2.root(),
-            s2t0sz: 24,
-            s2sl0: 1,
-            s2tg: Granule::Size4K.s2tg(),
-            s2ps: PaSize::Bits48.encoding(),
-            ..Default::default()
-        },
-        &Features::default(),
-    )
-    .unwrap();
-    let fmt1 = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
-    let mut s1 = TableBuilder::new(
-        fmt1,
-        Ipa(m),
-        BumpAllocator::new(IPA0 + 0x100_0000, 0x40_0000),
-    )
-    .unwrap();
-    let data_ipa = IPA0 + 0x80_0000;
-    let attrs = S1LeafAttrs {
-        not_global: true,
-        ..S1LeafAttrs::rw()
-    };
-    s1.map(0x10_0000, data_ipa, 0x4000, attrs.bits()).unwrap();
-    let s1cfg = Stage1Config::new(
+/// A 4K-granule, 48-bit stage 1 with TTB0 at `ttb` (TTB1 disabled).
+fn s1_config(ttb: u64) -> Stage1Config {
+    Stage1Config::new(
         &Stage1Params {
             ttb: [
                 TtbParams {
-                    ttb: s1.root(),
+                    ttb,
                     tsz: 16,
                     tg: Granule::Size4K.tg0(),
                     ..Default::default()
@@ -383,7 +351,49 @@ fn guest_tables(m: &SparseMem) -> (Stage2Config, Stage1Config, u64) {
         },
         &Features::default(),
     )
+    .unwrap()
+}
+
+/// A 4K-granule stage 2 of 40-bit IPAs from level 1, tables at `root`.
+fn s2_config(root: u64) -> Stage2Config {
+    Stage2Config::new(
+        &Stage2Params {
+            s2ttb: root,
+            s2t0sz: 24,
+            s2sl0: 1,
+            s2tg: Granule::Size4K.s2tg(),
+            s2ps: PaSize::Bits48.encoding(),
+            ..Default::default()
+        },
+        &Features::default(),
+    )
+    .unwrap()
+}
+
+/// A stage 2 mapping IPA0.. → RAM (40-bit IPA, 4K, start level 1) and a guest stage 1 in
+/// guest memory mapping VA 0x10_0000 (4 pages) to IPA0 + 0x80_0000.
+fn guest_tables(m: &SparseMem) -> (Stage2Config, Stage1Config, u64) {
+    let walk = WalkMem(m);
+    let fmt = TableFormat::stage2(Granule::Size4K, 40, 1, PaSize::Bits48).unwrap();
+    let mut s2 =
+        TableBuilder::new(fmt, &walk, BumpAllocator::new(RAM + 0xf00_0000, 0x40_0000)).unwrap();
+    s2.map(IPA0, RAM, 0x200_0000, S2LeafAttrs::rw().bits())
+        .unwrap();
+    let s2cfg = s2_config(s2.root());
+    let fmt1 = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
+    let mut s1 = TableBuilder::new(
+        fmt1,
+        Ipa(m),
+        BumpAllocator::new(IPA0 + 0x100_0000, 0x40_0000),
+    )
     .unwrap();
+    let data_ipa = IPA0 + 0x80_0000;
+    let attrs = S1LeafAttrs {
+        not_global: true,
+        ..S1LeafAttrs::rw()
+    };
+    s1.map(0x10_0000, data_ipa, 0x4000, attrs.bits()).unwrap();
+    let s1cfg = s1_config(s1.root());
     (s2cfg, s1cfg, data_ipa - IPA0 + RAM)
 }
 
@@ -479,26 +489,7 @@ fn s1_phys(m: &SparseMem) -> Stage1Config {
     };
     b.map(0x20_0000, RAM + 0x40_0000, 0x1000, attrs.bits())
         .unwrap();
-    Stage1Config::new(
-        &Stage1Params {
-            ttb: [
-                TtbParams {
-                    ttb: b.root(),
-                    tsz: 16,
-                    tg: Granule::Size4K.tg0(),
-                    ..Default::default()
-                },
-                TtbParams {
-                    epd: true,
-                    ..Default::default()
-                },
-            ],
-            ips: PaSize::Bits48.encoding(),
-            ..Default::default()
-        },
-        &Features::default(),
-    )
-    .unwrap()
+    s1_config(b.root())
 }
 
 #[test]
@@ -563,18 +554,7 @@ fn stage1_permission_fault_comes_before_stage2_of_the_output() {
     };
     s2.map(IPA0 + 0x200_0000, RAM + 0x300_0000, 0x1000, s2_ro.bits())
         .unwrap();
-    let s2cfg = Stage2Config::new(
-        &Stage2Params {
-            s2ttb: s2.root(),
-            s2t0sz: 24,
-            s2sl0: 1,
-            s2tg: Granule::Size4K.s2tg(),
-            s2ps: PaSize::Bits48.encoding(),
-            ..Default::default()
-        },
-        &Features::default(),
-    )
-    .unwrap();
+    let s2cfg = s2_config(s2.root());
     let fmt1 = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
     let mut s1 = TableBuilder::new(
         fmt1,
@@ -592,26 +572,7 @@ fn stage1_permission_fault_comes_before_stage2_of_the_output() {
         .unwrap();
     s1.map(0x10_1000, IPA0 + 0x200_0000, 0x1000, s1_ro.bits())
         .unwrap();
-    let s1cfg = Stage1Config::new(
-        &Stage1Params {
-            ttb: [
-                TtbParams {
-                    ttb: s1.root(),
-                    tsz: 16,
-                    tg: Granule::Size4K.tg0(),
-                    ..Default::default()
-                },
-                TtbParams {
-                    epd: true,
-                    ..Default::default()
-                },
-            ],
-            ips: PaSize::Bits48.encoding(),
-            ..Default::default()
-        },
-        &Features::default(),
-    )
-    .unwrap();
+    let s1cfg = s1_config(s1.root());
     let dvm = Dvm::new(DvmConfig::new(1), m.clone());
     let pe = &dvm.pes()[0];
     pe.set_context(PeContext::guest(2, Some(s2cfg)).with_stage1(Some(s1cfg), 1));
