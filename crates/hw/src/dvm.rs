@@ -9,92 +9,65 @@ use crate::cmd::{TlbiAddr, TlbiRange};
 use crate::smmu::{Smmu, inc};
 use crate::tlb::{AsidMatch, InvScope, Kind, World};
 
-/// A PE TLB maintenance operation, Inner Shareable (DDI0487 C5.5; the §4.11 table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TlbiOp {
-    Vmalle1is,
-    Aside1is,
-    Vae1is,
-    Vale1is,
-    Vaae1is,
-    Vaale1is,
-    Ipas2e1is,
-    Ipas2le1is,
-    Vmalls12e1is,
-    Alle1is,
-    Alle2is,
-    Vae2is,
-    Vale2is,
+/// Defines [`TlbiOp`], its names and [`TlbiOp::ALL`] from one list.
+macro_rules! tlbi_ops {
+    ($($(#[$doc:meta])* $op:ident => $name:literal,)*) => {
+        /// A PE TLB maintenance operation, Inner Shareable (DDI0487 C5.5; the §4.11 table).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum TlbiOp {
+            $($(#[$doc])* $op,)*
+        }
+
+        impl TlbiOp {
+            /// Every operation, in declaration order.
+            pub const ALL: [TlbiOp; [$(TlbiOp::$op),*].len()] = [$(TlbiOp::$op),*];
+
+            /// The instruction name as `twinmmu qtest` accepts it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(TlbiOp::$op => $name,)*
+                }
+            }
+        }
+    };
+}
+
+tlbi_ops! {
+    Vmalle1is => "VMALLE1IS",
+    Aside1is => "ASIDE1IS",
+    Vae1is => "VAE1IS",
+    Vale1is => "VALE1IS",
+    Vaae1is => "VAAE1IS",
+    Vaale1is => "VAALE1IS",
+    Ipas2e1is => "IPAS2E1IS",
+    Ipas2le1is => "IPAS2LE1IS",
+    Vmalls12e1is => "VMALLS12E1IS",
+    Alle1is => "ALLE1IS",
+    Alle2is => "ALLE2IS",
+    Vae2is => "VAE2IS",
+    Vale2is => "VALE2IS",
     /// ASID-scoped EL2&0 invalidation of a VHE host (TLBI ASIDE1IS with HCR_EL2.{E2H,TGE}).
-    Aside2is,
-    Rvae1is,
-    Rvale1is,
-    Rvaae1is,
-    Rvaale1is,
-    Ripas2e1is,
-    Ripas2le1is,
-    Rvae2is,
-    Rvale2is,
+    Aside2is => "ASIDE2IS",
+    Rvae1is => "RVAE1IS",
+    Rvale1is => "RVALE1IS",
+    Rvaae1is => "RVAAE1IS",
+    Rvaale1is => "RVAALE1IS",
+    Ripas2e1is => "RIPAS2E1IS",
+    Ripas2le1is => "RIPAS2LE1IS",
+    Rvae2is => "RVAE2IS",
+    Rvale2is => "RVALE2IS",
+    /// EL2&0 invalidation by VA for every ASID of a VHE host (TLBI VAAE1IS with
+    /// HCR_EL2.{E2H,TGE}); an SMMU acts on it as CMD_TLBI_EL2_VAA.
+    Vaae2is => "VAAE2IS",
+    /// The last-level form (TLBI VAALE1IS at EL2&0).
+    Vaale2is => "VAALE2IS",
+    /// The range form (TLBI RVAAE1IS at EL2&0).
+    Rvaae2is => "RVAAE2IS",
+    /// The last-level range form (TLBI RVAALE1IS at EL2&0).
+    Rvaale2is => "RVAALE2IS",
 }
 
 impl TlbiOp {
-    /// The instruction name as `twinmmu qtest` accepts it.
-    pub fn name(self) -> &'static str {
-        use TlbiOp::*;
-        match self {
-            Vmalle1is => "VMALLE1IS",
-            Aside1is => "ASIDE1IS",
-            Vae1is => "VAE1IS",
-            Vale1is => "VALE1IS",
-            Vaae1is => "VAAE1IS",
-            Vaale1is => "VAALE1IS",
-            Ipas2e1is => "IPAS2E1IS",
-            Ipas2le1is => "IPAS2LE1IS",
-            Vmalls12e1is => "VMALLS12E1IS",
-            Alle1is => "ALLE1IS",
-            Alle2is => "ALLE2IS",
-            Vae2is => "VAE2IS",
-            Vale2is => "VALE2IS",
-            Aside2is => "ASIDE2IS",
-            Rvae1is => "RVAE1IS",
-            Rvale1is => "RVALE1IS",
-            Rvaae1is => "RVAAE1IS",
-            Rvaale1is => "RVAALE1IS",
-            Ripas2e1is => "RIPAS2E1IS",
-            Ripas2le1is => "RIPAS2LE1IS",
-            Rvae2is => "RVAE2IS",
-            Rvale2is => "RVALE2IS",
-        }
-    }
-
-    pub const ALL: [TlbiOp; 22] = {
-        use TlbiOp::*;
-        [
-            Vmalle1is,
-            Aside1is,
-            Vae1is,
-            Vale1is,
-            Vaae1is,
-            Vaale1is,
-            Ipas2e1is,
-            Ipas2le1is,
-            Vmalls12e1is,
-            Alle1is,
-            Alle2is,
-            Vae2is,
-            Vale2is,
-            Aside2is,
-            Rvae1is,
-            Rvale1is,
-            Rvaae1is,
-            Rvaale1is,
-            Ripas2e1is,
-            Ripas2le1is,
-            Rvae2is,
-            Rvale2is,
-        ]
-    };
-
     pub fn from_name(s: &str) -> Option<TlbiOp> {
         let u = s.to_ascii_uppercase();
         Self::ALL.into_iter().find(|o| o.name() == u)
@@ -113,6 +86,8 @@ impl TlbiOp {
                 | Ripas2le1is
                 | Rvae2is
                 | Rvale2is
+                | Rvaae2is
+                | Rvaale2is
         )
     }
 
@@ -129,6 +104,8 @@ impl TlbiOp {
                 | Rvaale1is
                 | Ripas2le1is
                 | Rvale2is
+                | Vaale2is
+                | Rvaale2is
         )
     }
 }
@@ -290,6 +267,13 @@ impl Tlbi {
                     AsidMatch::Any
                 },
                 skip_aset: r.aset,
+                range: Some(self.span()),
+                ..el2
+            },
+            // TLBI VAAE1IS from a VHE host: every ASID's EL2&0 entries at the address, as
+            // CMD_TLBI_EL2_VAA (IHI0070 4.4.2.9: the EL2-E2H world with CR2.E2H, the EL2
+            // world without). Not ASID-scoped: ASET = 1 entries follow it too.
+            Vaae2is | Vaale2is | Rvaae2is | Rvaale2is => InvScope {
                 range: Some(self.span()),
                 ..el2
             },

@@ -358,17 +358,21 @@ impl Pe {
                 regime: ctx.regime,
             });
         }
-        // With HCR_EL2.{E2H,TGE} = {1,1} the EL1 forms act on EL2&0 (DDI0487 D8.13). The
-        // DVM message set has no EL2&0 "by VA, all ASIDs": those over-invalidate as
-        // ALLE2IS (safe; a VHE host has no EL2-only entries).
+        // With HCR_EL2.{E2H,TGE} = {1,1} the EL1 forms act on EL2&0 (DDI0487 D8.13):
+        // by VA (one ASID or all), by ASID, and VMALLE1IS as every EL2&0 entry (ALLE2IS;
+        // a VHE host has no EL2-only entries).
         let op = if ctx.regime == Regime::El2E2h {
             match insn.op {
                 Vae1is => Vae2is,
                 Vale1is => Vale2is,
                 Rvae1is => Rvae2is,
                 Rvale1is => Rvale2is,
+                Vaae1is => Vaae2is,
+                Vaale1is => Vaale2is,
+                Rvaae1is => Rvaae2is,
+                Rvaale1is => Rvaale2is,
                 Aside1is => Aside2is,
-                Vmalle1is | Vaae1is | Vaale1is | Rvaae1is | Rvaale1is => Alle2is,
+                Vmalle1is => Alle2is,
                 other => other,
             }
         } else {

@@ -81,6 +81,12 @@ fn architecture_says(e: &TlbEntry, t: &Tlbi, vhe: bool) -> bool {
             }
         }
         Aside2is => c.world() == World::El2E2h && c.asid() == Some(t.asid),
+        // By VA for every ASID: the EL2&0 world with E2H (any ASID, global or not), the
+        // EL2 world without.
+        Vaae2is | Vaale2is | Rvaae2is | Rvaale2is => {
+            let world = if vhe { World::El2E2h } else { World::El2 };
+            c.world() == world && overlaps
+        }
     }
 }
 
@@ -241,6 +247,7 @@ fn tlbi_instructions_follow_the_regime() {
         TlbiOp::Alle1is,
         TlbiOp::Alle2is,
         TlbiOp::Vae2is,
+        TlbiOp::Vaae2is,
     ] {
         assert_eq!(
             dvm.tlbi(0, TlbiInsn::new(op)),
@@ -264,6 +271,32 @@ fn tlbi_instructions_follow_the_regime() {
             .unwrap()
             .op,
         TlbiOp::Aside2is
+    );
+    // By VA for all ASIDs: the EL2&0 forms, not ALLE2IS (which would over-invalidate).
+    let r = TlbiRange {
+        tg_shift: 12,
+        num: 3,
+        scale: 0,
+        ttl: 0,
+    };
+    for (op, el2) in [
+        (TlbiInsn::new(TlbiOp::Vaae1is), TlbiOp::Vaae2is),
+        (TlbiInsn::new(TlbiOp::Vaale1is), TlbiOp::Vaale2is),
+        (
+            TlbiInsn::new(TlbiOp::Rvaae1is).with_range(r),
+            TlbiOp::Rvaae2is,
+        ),
+        (
+            TlbiInsn::new(TlbiOp::Rvaale1is).with_range(r),
+            TlbiOp::Rvaale2is,
+        ),
+    ] {
+        let t = dvm.tlbi(0, op.with_addr(0x7000)).unwrap();
+        assert_eq!((t.op, t.addr), (el2, 0x7000));
+    }
+    assert_eq!(
+        dvm.tlbi(0, TlbiInsn::new(TlbiOp::Vmalle1is)).unwrap().op,
+        TlbiOp::Alle2is
     );
     // ... and may issue stage-2 maintenance with VTTBR's VMID.
     let mut ctx = PeContext::host(true);
