@@ -490,6 +490,17 @@ pub(crate) struct HitCtx {
 }
 
 impl HitCtx {
+    /// The address the TLB keys `va` by: with TBI (stage 1 only) the top byte is ignored,
+    /// VA\[55\] sign-extended.
+    #[inline(always)]
+    pub fn key(&self, va: u64) -> u64 {
+        if self.s1 && self.tbi[((va >> 55) & 1) as usize] {
+            (((va << 8) as i64) >> 8) as u64
+        } else {
+            va
+        }
+    }
+
     pub fn new(
         ids: [u64; 2],
         s1: bool,

@@ -721,12 +721,10 @@ impl Smmu {
         want_fill: bool,
     ) -> Result<Resolved, bool> {
         let va = txn.addr;
-        let key = if c.s1 && c.tbi[((va >> 55) & 1) as usize] {
-            (((va << 8) as i64) >> 8) as u64
-        } else {
-            va
-        };
-        let e = self.hit.probe_hit(c.ids, key, c.global_first).ok_or(true)?;
+        let e = self
+            .hit
+            .probe_hit(c.ids, c.key(va), c.global_first)
+            .ok_or(true)?;
         // The entry's permissions were evaluated for each effective access when it was
         // inserted; the context maps the incoming attributes to the effective access.
         let incoming = access_bit(txn.kind, txn.privileged).trailing_zeros() as usize;
@@ -745,6 +743,20 @@ impl Smmu {
                     .fold(0, |m, j| m | (1 << j)),
             }),
         })
+    }
+
+    /// Marks the main-TLB entry that translates `txn` referenced for CLOCK, as a hit would,
+    /// without translating or counting: for a micro-TLB that serves the page on its own
+    /// ([`crate::DmaPort`]). Through the hit path only; if that cannot find the entry,
+    /// nothing is marked (CLOCK is an approximation, and the next refill marks it).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn touch(&self, txn: &Transaction) {
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        if let Some(c) = self.ctxs.lookup(txn.sid, txn.ssid, generation) {
+            // The probe sets the entry's reference bit when it is clear.
+            let _ = self.hit.probe_hit(c.ids, c.key(txn.addr), c.global_first);
+        }
     }
 
     /// Records a stream's hit context (with the current store ids of `tag` and of its

@@ -380,3 +380,50 @@ fn entries_the_lookup_array_gave_up_still_hit_in_the_store() {
     assert_eq!(after.walks_s1, before.walks_s1, "every page still cached");
     assert_eq!(after.tlb_hits - before.tlb_hits, 128);
 }
+
+/// An entry hot only in a micro-TLB (every access a `DmaPort` hit, none reaching the main
+/// TLB) still gets CLOCK's second chance in the main TLB: the port marks it referenced
+/// every few hits, without writing a shared line on each.
+#[test]
+fn entries_hot_in_a_micro_tlb_get_their_clock_second_chance() {
+    let mut m = Machine::new(SmmuConfig {
+        tlb_capacity: 8,
+        ..SmmuConfig::default()
+    });
+    let mem = m.mem.clone();
+    let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
+    b.map(0x10_0000, DATA, 16 * 0x1000, urw()).unwrap();
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, b.root(), 1));
+    m.set_ste(1, &s1_ste(CDS, 0, 1));
+    let txn = |p: u64| Transaction::new(1, None, 0x10_0000 + p * 0x1000, AccessKind::Read, false);
+    let mut port = m.smmu.port();
+    for p in 0..8 {
+        assert!(matches!(port.translate(txn(p)), Outcome::Translated { .. }));
+    }
+    // Page 0 is hot in the micro-TLB only.
+    let before = m.smmu.stats();
+    for _ in 0..300 {
+        assert_eq!(port.translate(txn(0)), Outcome::Translated { pa: DATA });
+    }
+    let after = m.smmu.stats();
+    assert_eq!(after.utlb_hits - before.utlb_hits, 300);
+    assert_eq!(after.tlb_hits, before.tlb_hits, "no main-TLB hit counted");
+    // A new page through the SMMU: CLOCK, its hand at page 0, spares it and evicts page 1.
+    assert!(matches!(
+        m.smmu.translate(txn(8)),
+        Outcome::Translated { .. }
+    ));
+    assert_eq!(m.smmu.stats().tlb_entries, 8);
+    let walks = m.smmu.stats().walks_s1;
+    assert_eq!(m.smmu.translate(txn(0)), Outcome::Translated { pa: DATA });
+    assert_eq!(m.smmu.stats().walks_s1, walks, "page 0 was still cached");
+    assert!(matches!(
+        m.smmu.translate(txn(1)),
+        Outcome::Translated { .. }
+    ));
+    assert_eq!(
+        m.smmu.stats().walks_s1,
+        walks + 1,
+        "page 1 had been evicted"
+    );
+}
