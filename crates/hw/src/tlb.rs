@@ -383,7 +383,8 @@ pub struct Tlb {
     log_removals: bool,
     /// The id the next context created gets (ids are never reused).
     next_id: u64,
-    /// The live contexts by id.
+    /// Contexts by id: every live one, and retired ones until the next sweep (a whole
+    /// drop does not pay for a removal here; lookups check the id is still current).
     by_id: HashMap<u64, Ctx, FxBuildHasher>,
     /// Non-empty contexts removed whole so far.
     whole_drops: u64,
@@ -447,7 +448,7 @@ impl Tlb {
     /// live.
     pub fn mark_lossy(&mut self, id: u64) -> Option<Ctx> {
         let ctx = *self.by_id.get(&id)?;
-        let c = self.ctxs.get_mut(&ctx)?;
+        let c = self.ctxs.get_mut(&ctx).filter(|c| c.id == id)?;
         c.lossy = true;
         Some(ctx)
     }
@@ -599,6 +600,12 @@ impl Tlb {
                 .or_default()
                 .insert(e.ctx);
             self.by_id.insert(ctx_id, e.ctx);
+            if self.by_id.len() > 2 * self.ctxs.len() + 64 {
+                // Forget retired ids (amortised over the contexts created meanwhile).
+                let ctxs = &self.ctxs;
+                self.by_id
+                    .retain(|id, c| ctxs.get(c).is_some_and(|t| t.id == *id));
+            }
             self.collect_empty_contexts();
         }
         if e.ctx.asid().is_none() {
@@ -622,7 +629,8 @@ impl Tlb {
         }
         self.ctxs.retain(|_, c| !c.map.is_empty());
         let ctxs = &self.ctxs;
-        self.by_id.retain(|_, c| ctxs.contains_key(c));
+        self.by_id
+            .retain(|id, c| ctxs.get(c).is_some_and(|t| t.id == *id));
         self.by_vmid.retain(|_, set| {
             set.retain(|c| ctxs.contains_key(c));
             !set.is_empty()
@@ -674,7 +682,6 @@ impl Tlb {
         let Some(t) = self.ctxs.remove(&c) else {
             return 0;
         };
-        self.by_id.remove(&t.id);
         if let Some(set) = self.by_vmid.get_mut(&c.vmid_key()) {
             set.remove(&c);
             if set.is_empty() {
