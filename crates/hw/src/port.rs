@@ -216,7 +216,7 @@ impl DmaPort {
                     let n = self.hits.load(Ordering::Relaxed) + 1;
                     self.hits.store(n, Ordering::Relaxed);
                     if n.is_multiple_of(TOUCH_EVERY) {
-                        smmu.touch(&txn);
+                        smmu.touch(txn.sid, txn.ssid, txn.addr);
                     }
                 }
                 Outcome::Translated { pa }

@@ -745,17 +745,18 @@ impl Smmu {
         })
     }
 
-    /// Marks the main-TLB entry that translates `txn` referenced for CLOCK, as a hit would,
+    /// Marks the main-TLB entry that translates `addr` of `sid`/`ssid` referenced for CLOCK,
+    /// as a hit would,
     /// without translating or counting: for a micro-TLB that serves the page on its own
     /// ([`crate::DmaPort`]). Through the hit path only; if that cannot find the entry,
     /// nothing is marked (CLOCK is an approximation, and the next refill marks it).
     #[cold]
     #[inline(never)]
-    pub(crate) fn touch(&self, txn: &Transaction) {
+    pub(crate) fn touch(&self, sid: u32, ssid: Option<u32>, addr: u64) {
         let generation = self.ctx_gen.load(Ordering::Acquire);
-        if let Some(c) = self.ctxs.lookup(txn.sid, txn.ssid, generation) {
+        if let Some(c) = self.ctxs.lookup(sid, ssid, generation) {
             // The probe sets the entry's reference bit when it is clear.
-            let _ = self.hit.probe_hit(c.ids, c.key(txn.addr), c.global_first);
+            let _ = self.hit.probe_hit(c.ids, c.key(addr), c.global_first);
         }
     }
 
