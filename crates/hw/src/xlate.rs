@@ -1163,13 +1163,18 @@ impl Smmu {
     }
 
     pub(crate) fn tlb_insert(&self, e: TlbEntry, gen0: u64) {
-        self.tlb_insert_all(&[e], gen0);
+        self.tlb_insert_all([&e], gen0);
     }
 
     /// Inserts `entries` in order under one acquisition of the store lock, unless an
     /// invalidation ran since `gen0` was read (before the walks that made them began).
-    pub(crate) fn tlb_insert_all(&self, entries: &[TlbEntry], gen0: u64) {
-        if entries.is_empty() {
+    pub(crate) fn tlb_insert_all<'a>(
+        &self,
+        entries: impl IntoIterator<Item = &'a TlbEntry>,
+        gen0: u64,
+    ) {
+        let mut entries = entries.into_iter().peekable();
+        if entries.peek().is_none() {
             return;
         }
         let mut t = self.tlb.lock();
@@ -1487,6 +1492,13 @@ impl Smmu {
         // Read before any walk: what the walks read is inserted only if no invalidation
         // ran since.
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
+        if s2.is_none() {
+            let r = self.s1_walk_in(va, key_va, sel, None, ctx, access, &mut Batch::default());
+            if let Ok(e) = &r {
+                self.tlb_insert(*e, gen0);
+            }
+            return r;
+        }
         let mut batch = Batch::default();
         let r = self.s1_walk_in(va, key_va, sel, s2, ctx, access, &mut batch);
         if let Ok(e) = r {
@@ -1653,12 +1665,13 @@ impl Smmu {
 #[derive(Default)]
 pub(crate) struct Batch {
     n: usize,
-    e: [TlbEntry; 8],
+    // `Option`s: a new batch only marks its slots empty (no 8-entry initialisation).
+    e: [Option<TlbEntry>; 8],
 }
 
 impl Batch {
-    fn entries(&self) -> &[TlbEntry] {
-        &self.e[..self.n]
+    fn entries(&self) -> impl Iterator<Item = &TlbEntry> {
+        self.e[..self.n].iter().flatten()
     }
 
     /// Adds `e`; a full batch is inserted first (made under `gen0`).
@@ -1667,13 +1680,12 @@ impl Batch {
             smmu.tlb_insert_all(self.entries(), gen0);
             self.n = 0;
         }
-        self.e[self.n] = e;
+        self.e[self.n] = Some(e);
         self.n += 1;
     }
 
     fn find(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
         self.entries()
-            .iter()
             .find(|e| e.ctx == ctx && e.covers(addr))
             .copied()
     }
