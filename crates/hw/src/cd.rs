@@ -8,7 +8,7 @@ use twinmmu_vmsa::{ConfigError, Stage1Config, Stage1Params, TtbParams};
 use crate::config::SmmuConfig;
 use crate::ste::StreamWorld;
 
-/// L1CD (IHI0070 5.3): V bit 0, L2Ptr[55:12].
+/// L1CD (IHI0070 5.3): V bit 0, L2Ptr\[55:12\].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct L1Cd {
@@ -67,7 +67,7 @@ pub struct CdDw0 {
     pub asid: u16,
 }
 
-/// CD dwords 1 and 2: NSCFGx bit 0, HADx bit 1, TTBx[55:4].
+/// CD dwords 1 and 2: NSCFGx bit 0, HADx bit 1, TTBx\[55:4\].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct CdTtb {

@@ -72,7 +72,7 @@ pub struct CmdTlbiDw0 {
     pub asid: u16,
 }
 
-/// Dword 1 of TLB invalidations: Leaf, TTL[9:8], TG[11:10], Address[63:12].
+/// Dword 1 of TLB invalidations: Leaf, TTL\[9:8\], TG\[11:10\], Address\[63:12\].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct CmdTlbiDw1 {
@@ -87,7 +87,7 @@ pub struct CmdTlbiDw1 {
     pub addr: u64,
 }
 
-/// Dword 1 of CFGI_STE/CFGI_CD (Leaf, bit 0) and CFGI_STE_RANGE (Range[4:0]).
+/// Dword 1 of CFGI_STE/CFGI_CD (Leaf, bit 0) and CFGI_STE_RANGE (Range\[4:0\]).
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct CmdCfgiDw1 {
@@ -117,7 +117,7 @@ pub struct CmdSyncDw0 {
     pub msidata: u32,
 }
 
-/// Dword 1 of CMD_SYNC: MSIAddress[55:2].
+/// Dword 1 of CMD_SYNC: MSIAddress\[55:2\].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct CmdSyncDw1 {
@@ -129,7 +129,7 @@ pub struct CmdSyncDw1 {
     pub __: u8,
 }
 
-/// Dword 1 of CMD_RESUME: STAG[15:0].
+/// Dword 1 of CMD_RESUME: STAG\[15:0\].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct CmdResumeDw1 {
@@ -138,7 +138,7 @@ pub struct CmdResumeDw1 {
     pub __: u64,
 }
 
-/// Dword 1 of CMD_PRI_RESP: PRGIndex[8:0], Resp[13:12].
+/// Dword 1 of CMD_PRI_RESP: PRGIndex\[8:0\], Resp\[13:12\].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct CmdPriRespDw1 {
@@ -152,8 +152,8 @@ pub struct CmdPriRespDw1 {
     pub __: u64,
 }
 
-/// Dword 1 of CMD_ATC_INV and CMD_PREFETCH_ADDR: Size[5:0] (ATC_INV; [4:0] for prefetch),
-/// Address[63:12].
+/// Dword 1 of CMD_ATC_INV and CMD_PREFETCH_ADDR: Size\[5:0\] (ATC_INV; \[4:0\] for prefetch),
+/// Address\[63:12\].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct CmdAddrDw1 {
@@ -189,7 +189,7 @@ pub struct TlbiRange {
 /// The address operand of a TLBI command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TlbiAddr {
-    /// Byte address (VA or IPA), bits [11:0] zero.
+    /// Byte address (VA or IPA), bits \[11:0\] zero.
     pub addr: u64,
     pub leaf: bool,
     pub range: Option<TlbiRange>,

@@ -3,7 +3,7 @@
 
 use bitfield_struct::bitfield;
 
-/// Event record dword 0: Type[7:0], SSV 11, SubstreamID[31:12], StreamID[63:32].
+/// Event record dword 0: Type\[7:0\], SSV 11, SubstreamID\[31:12\], StreamID\[63:32\].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct EvtDw0 {
@@ -41,7 +41,7 @@ pub struct EvtDw1 {
     pub __: u32,
 }
 
-/// Event record dword 3: IPA[55:12] for stage-2 faults.
+/// Event record dword 3: IPA\[55:12\] for stage-2 faults.
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct EvtIpa {
@@ -53,8 +53,8 @@ pub struct EvtIpa {
     pub __: u8,
 }
 
-/// Event record dword 3: FetchAddr[55:3] for F_STE_FETCH, F_CD_FETCH, F_WALK_EABT (IHI0070
-/// 7.3.4, 7.3.10, 7.3.12: bits [247:195] of the record).
+/// Event record dword 3: FetchAddr\[55:3\] for F_STE_FETCH, F_CD_FETCH, F_WALK_EABT (IHI0070
+/// 7.3.4, 7.3.10, 7.3.12: bits \[247:195\] of the record).
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct EvtFetchAddr {

@@ -113,8 +113,10 @@ impl<const N: usize, W: SeqWord> SeqSlot<N, W> {
 }
 
 const WAYS: usize = 8;
-/// Marks an occupied slot (ids are below 2^63).
+/// Marks an occupied slot (ids are below 2^62).
 const VALID: u64 = 1 << 63;
+/// In the id cache: the context is lossy.
+const LOSSY: u64 = 1 << 62;
 
 #[inline(always)]
 fn mix(a: u64, b: u64) -> u64 {
@@ -364,27 +366,35 @@ impl HitTlb {
 
     /// Inserts or replaces `e` of context `id` (writer only). A full set gives up one of
     /// its slots: the store still holds that entry, and a slow-path lookup puts it back.
-    pub fn insert(&self, id: u64, e: &TlbEntry) {
-        self.insert_as(id, e, true);
+    /// Returns the context id of the entry given up, if any (the store then marks that
+    /// context lossy: a miss here no longer proves a miss there).
+    #[must_use]
+    pub fn insert(&self, id: u64, e: &TlbEntry) -> Option<u64> {
+        self.insert_as(id, e, true)
     }
 
     /// [`HitTlb::insert`] of an entry the store has just added (not replaced): the array
     /// cannot hold its key (it holds only entries of the store), so no search for it.
-    pub fn insert_new(&self, id: u64, e: &TlbEntry) {
-        self.insert_as(id, e, false);
+    #[must_use]
+    pub fn insert_new(&self, id: u64, e: &TlbEntry) -> Option<u64> {
+        self.insert_as(id, e, false)
     }
 
     #[inline]
-    fn insert_as(&self, id: u64, e: &TlbEntry, may_exist: bool) {
+    fn insert_as(&self, id: u64, e: &TlbEntry, may_exist: bool) -> Option<u64> {
         let (base, fp) = self.locate(id, page(e.in_base, e.shift));
         let own = base + preferred_way(fp);
         let found = if may_exist { self.find(id, e) } else { None };
+        let mut dropped = None;
         let i = found.unwrap_or_else(|| {
             std::iter::once(own)
                 .chain(base..base + WAYS)
                 .find(|&i| self.fps[i].load(Ordering::Relaxed) == 0)
                 .unwrap_or_else(|| {
-                    base + self.victim.fetch_add(1, Ordering::Relaxed) as usize % WAYS
+                    let i = base + self.victim.fetch_add(1, Ordering::Relaxed) as usize % WAYS;
+                    // The writer is the only one changing slots: this read is exact.
+                    dropped = self.slots[i].read().map(|v| v[0] & !VALID);
+                    i
                 })
         });
         self.fps[i].store(0, Ordering::Release);
@@ -393,8 +403,12 @@ impl HitTlb {
             self.refs[i].store(false, Ordering::Relaxed);
         }
         self.fps[i].store(fp, Ordering::Release);
-        self.sizes
-            .fetch_or(1u64 << (e.shift & 63), Ordering::Release);
+        let bit = 1u64 << (e.shift & 63);
+        // A read-modify-write only the first time a size appears.
+        if self.sizes.load(Ordering::Relaxed) & bit == 0 {
+            self.sizes.fetch_or(bit, Ordering::Release);
+        }
+        dropped
     }
 
     /// Whether `e` of context `id` was hit since the last call (and clears the bit); for
@@ -439,13 +453,23 @@ impl IdCache {
     /// The id of `ctx` recorded under `generation`.
     #[inline]
     pub fn lookup(&self, ctx: Ctx, generation: u64) -> Option<u64> {
+        self.lookup_state(ctx, generation).map(|(id, _)| id)
+    }
+
+    /// The id of `ctx` recorded under `generation`, and whether the lookup array may lack
+    /// some of its entries (lossy; see [`crate::tlb::Tlb::mark_lossy`]). For a context
+    /// that is not lossy, a miss in the array is a miss in the store.
+    #[inline]
+    pub fn lookup_state(&self, ctx: Ctx, generation: u64) -> Option<(u64, bool)> {
         let v = self.slot(ctx).read()?;
-        (v[0] == ctx.raw() | VALID && v[2] == generation).then_some(v[1])
+        (v[0] == ctx.raw() | VALID && v[2] == generation)
+            .then_some((v[1] & !LOSSY, v[1] & LOSSY != 0))
     }
 
     /// Records `ctx`'s id (writer only: the store's lock holder).
-    pub fn fill(&self, ctx: Ctx, id: u64, generation: u64) {
-        self.slot(ctx).write([ctx.raw() | VALID, id, generation]);
+    pub fn fill(&self, ctx: Ctx, id: u64, lossy: bool, generation: u64) {
+        let w = id | if lossy { LOSSY } else { 0 };
+        self.slot(ctx).write([ctx.raw() | VALID, w, generation]);
     }
 }
 
@@ -466,6 +490,17 @@ pub(crate) struct HitCtx {
 }
 
 impl HitCtx {
+    /// The address the TLB keys `va` by: with TBI (stage 1 only) the top byte is ignored,
+    /// VA\[55\] sign-extended.
+    #[inline(always)]
+    pub fn key(&self, va: u64) -> u64 {
+        if self.s1 && self.tbi[((va >> 55) & 1) as usize] {
+            (((va << 8) as i64) >> 8) as u64
+        } else {
+            va
+        }
+    }
+
     pub fn new(
         ids: [u64; 2],
         s1: bool,
@@ -601,7 +636,7 @@ mod tests {
         let t = HitTlb::new(16);
         let c = Ctx::new(World::NsEl1, Kind::S2, 3, None, false);
         let e = entry(c, 0x20_0000, 21, perms);
-        t.insert(4, &e);
+        let _ = t.insert(4, &e);
         let g = Ctx::new(World::NsEl1, Kind::S2, 3, Some(1), false);
         assert_eq!(t.lookup([0, 4], [g, c], 0x21_0000), Some(e));
         assert_eq!(t.lookup([4, 0], [c, g], 0x40_0000), None);
@@ -611,8 +646,11 @@ mod tests {
     fn id_cache_keys_and_generations() {
         let ids = IdCache::new(64);
         let c = Ctx::new(World::NsEl1, Kind::S1, 1, Some(2), false);
-        ids.fill(c, 17, 3);
+        ids.fill(c, 17, false, 3);
         assert_eq!(ids.lookup(c, 3), Some(17));
+        assert_eq!(ids.lookup_state(c, 3), Some((17, false)));
+        ids.fill(c, 17, true, 3);
+        assert_eq!(ids.lookup_state(c, 3), Some((17, true)));
         assert_eq!(ids.lookup(c, 4), None);
         assert_eq!(ids.lookup(c.global(), 3), None);
     }
@@ -623,8 +661,8 @@ mod tests {
         let c = Ctx::new(World::NsEl1, Kind::S1, 1, Some(2), false);
         let small = entry(c, 0x1000, 12, rw());
         let big = entry(c, 0x20_0000, 21, rw());
-        t.insert(7, &small);
-        t.insert(7, &big);
+        let _ = t.insert(7, &small);
+        let _ = t.insert(7, &big);
         let hit = |id, a| t.probe_hit([id, 0], a, false).map(|h| h.out_base);
         assert_eq!(hit(7, 0x1fff), Some(small.out_base));
         assert_eq!(hit(7, 0x3f_f000), Some(big.out_base));
@@ -649,7 +687,7 @@ mod tests {
         let c = Ctx::new(World::NsEl1, Kind::S2, 7, None, false);
         let es: Vec<_> = (0..4096u64).map(|i| entry(c, i << 12, 12, rw())).collect();
         for e in &es {
-            t.insert(3, e);
+            let _ = t.insert(3, e);
         }
         let mut found = 0;
         for e in &es {

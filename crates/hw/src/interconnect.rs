@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use crate::cmd::TlbiRange;
+pub use crate::dvm::TlbiInsn;
 use crate::dvm::{Tlbi, TlbiOp};
 use crate::mem::PhysMem;
 use crate::pe::{Pe, PeConfig, Regime};
@@ -245,43 +246,6 @@ pub enum DvmError {
     /// TG is not 4K/16K/64K (12, 14, 16), or NUM/SCALE do not fit their 5-bit fields.
     #[error("TLBI {}: bad range (granule shift {}, NUM {}, SCALE {})", op.name(), range.tg_shift, range.num, range.scale)]
     BadRange { op: TlbiOp, range: TlbiRange },
-}
-
-/// A TLBI instruction as software writes it: the operation and its register operand. The
-/// VMID is not an operand — it comes from the issuing PE's VTTBR_EL2 ([`Dvm::tlbi`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TlbiInsn {
-    pub op: TlbiOp,
-    /// ASID operand (ASID-scoped forms).
-    pub asid: u16,
-    /// VA or IPA (bits \[11:0\] ignored); the base of a range form.
-    pub addr: u64,
-    /// The range of a range form (FEAT_TLBIRANGE), in the DVM message's encoding:
-    /// `(num + 1) << scale` granules of `1 << tg_shift` bytes.
-    pub range: Option<TlbiRange>,
-}
-
-impl TlbiInsn {
-    pub fn new(op: TlbiOp) -> Self {
-        TlbiInsn {
-            op,
-            asid: 0,
-            addr: 0,
-            range: None,
-        }
-    }
-    pub fn with_asid(mut self, asid: u16) -> Self {
-        self.asid = asid;
-        self
-    }
-    pub fn with_addr(mut self, addr: u64) -> Self {
-        self.addr = addr;
-        self
-    }
-    pub fn with_range(mut self, r: TlbiRange) -> Self {
-        self.range = Some(r);
-        self
-    }
 }
 
 /// Checks what the message carries can be applied: a range form has a well-formed range.

@@ -38,7 +38,7 @@ pub mod xlate;
 
 pub use cmd::{CmdqEntry, Command};
 pub use cmdq::CmdError;
-pub use dvm::{Tlbi, TlbiOp};
+pub use dvm::{Tlbi, TlbiOp, TlbiRecipient, TlbiWith};
 pub use event::{Event, EventType, FaultClass};
 pub use interconnect::{Dvm, DvmConfig, DvmError, DvmReport, DvmStats, RecipientStats, TlbiInsn};
 pub use pe::{Pe, PeConfig, PeContext, PeFault, PeStats, PeTranslation, Regime};

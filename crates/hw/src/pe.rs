@@ -25,11 +25,10 @@ use twinmmu_vmsa::{
     Stage1Config, Stage2Config, WalkError, check_s1, check_s2, walk_stage1, walk_stage2,
 };
 
-use crate::cmd::TlbiAddr;
-use crate::dvm::{Tlbi, TlbiOp};
+use crate::dvm::{Tlbi, TlbiOp, TlbiRecipient};
 use crate::interconnect::{Completion, DvmError, Inbox, TlbiInsn};
 use crate::mem::{PhysMem, WalkMem};
-use crate::tlb::{AsidMatch, Ctx, EntryPerms, InvScope, Kind, Tlb, TlbEntry, World};
+use crate::tlb::{Ctx, InvScope, Kind, OutputStage2, Tlb, TlbEntry, World};
 
 /// The translation regime a PE runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -247,90 +246,13 @@ struct S2Hit {
     level: u8,
 }
 
-/// The scope of `t` on a PE's TLB: a PE has no ASET (all its ASIDs are shared), EL1 forms
-/// act on NS-EL1 entries of `t.vmid`, `ALLE1IS` on every VMID's, EL2 forms on EL2 (VMID 0)
-/// and, with `vhe` (HCR_EL2.E2H), by ASID on EL2&0 (DDI0487 D8.13; smmu_kvm.md §4.11).
-/// `IPAS2E1IS` removes stage-2 entries only: a combined entry holding that IPA survives
-/// it, which is why KVM follows it with `VMALLE1IS`.
+/// The scope of `t` on a PE's TLB ([`Tlbi::scope`] for a PE): a PE has no ASET (all its
+/// ASIDs are shared), EL1 forms act on NS-EL1 entries of `t.vmid`, `ALLE1IS` on every
+/// VMID's, EL2 forms on EL2 and, with `vhe` (HCR_EL2.E2H), by ASID on EL2&0 (DDI0487
+/// D8.13; smmu_kvm.md §4.11). `IPAS2E1IS` removes stage-2 entries only: a combined entry
+/// holding that IPA survives it, which is why KVM follows it with `VMALLE1IS`.
 pub fn tlbi_scope(t: &Tlbi, vhe: bool) -> InvScope {
-    use TlbiOp::*;
-    let span = TlbiAddr {
-        addr: t.addr & !0xfff,
-        leaf: t.op.is_leaf(),
-        range: if t.op.is_range() { t.range } else { None },
-    }
-    .span();
-    let base = InvScope {
-        worlds: InvScope::world_bit(World::NsEl1),
-        kinds: InvScope::S1_KINDS,
-        vmid: Some(t.vmid),
-        asid: AsidMatch::Any,
-        skip_aset: false,
-        range: None,
-    };
-    let el2 = InvScope {
-        worlds: InvScope::world_bit(World::El2),
-        kinds: InvScope::ALL_KINDS,
-        vmid: Some(0),
-        ..base
-    };
-    let el2_e2h = InvScope {
-        worlds: InvScope::world_bit(World::El2E2h),
-        ..el2
-    };
-    match t.op {
-        Vmalle1is => base,
-        Aside1is => InvScope {
-            asid: AsidMatch::NonGlobal(t.asid),
-            ..base
-        },
-        Vae1is | Vale1is | Rvae1is | Rvale1is => InvScope {
-            asid: AsidMatch::AsidOrGlobal(t.asid),
-            range: Some(span),
-            ..base
-        },
-        Vaae1is | Vaale1is | Rvaae1is | Rvaale1is => InvScope {
-            range: Some(span),
-            ..base
-        },
-        Ipas2e1is | Ipas2le1is | Ripas2e1is | Ripas2le1is => InvScope {
-            kinds: InvScope::kind_bit(Kind::S2),
-            range: Some(span),
-            ..base
-        },
-        Vmalls12e1is => InvScope {
-            kinds: InvScope::ALL_KINDS,
-            ..base
-        },
-        Alle1is => InvScope {
-            kinds: InvScope::ALL_KINDS,
-            vmid: None,
-            ..base
-        },
-        Alle2is => InvScope {
-            worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
-            vmid: None,
-            ..el2
-        },
-        Vae2is | Vale2is | Rvae2is | Rvale2is => {
-            if vhe {
-                InvScope {
-                    asid: AsidMatch::AsidOrGlobal(t.asid),
-                    range: Some(span),
-                    ..el2_e2h
-                }
-            } else {
-                InvScope {
-                    range: Some(span),
-                    ..el2
-                }
-            }
-        }
-        Aside2is => InvScope {
-            asid: AsidMatch::NonGlobal(t.asid),
-            ..el2_e2h
-        },
-    }
+    t.scope(TlbiRecipient::pe(vhe))
 }
 
 /// Whether `op` may be executed at `regime` (DDI0487 C5.5: the `…E2` and stage-2/all-VMID
@@ -436,17 +358,21 @@ impl Pe {
                 regime: ctx.regime,
             });
         }
-        // With HCR_EL2.{E2H,TGE} = {1,1} the EL1 forms act on EL2&0 (DDI0487 D8.13). The
-        // DVM message set has no EL2&0 "by VA, all ASIDs": those over-invalidate as
-        // ALLE2IS (safe; a VHE host has no EL2-only entries).
+        // With HCR_EL2.{E2H,TGE} = {1,1} the EL1 forms act on EL2&0 (DDI0487 D8.13):
+        // by VA (one ASID or all), by ASID, and VMALLE1IS as every EL2&0 entry (ALLE2IS;
+        // a VHE host has no EL2-only entries).
         let op = if ctx.regime == Regime::El2E2h {
             match insn.op {
                 Vae1is => Vae2is,
                 Vale1is => Vale2is,
                 Rvae1is => Rvae2is,
                 Rvale1is => Rvale2is,
+                Vaae1is => Vaae2is,
+                Vaale1is => Vaale2is,
+                Rvaae1is => Rvaae2is,
+                Rvaale1is => Rvaale2is,
                 Aside1is => Aside2is,
-                Vmalle1is | Vaae1is | Vaale1is | Rvaae1is | Rvaale1is => Alle2is,
+                Vmalle1is => Alle2is,
                 other => other,
             }
         } else {
@@ -606,21 +532,8 @@ impl Pe {
             perms: t.perms,
             level: t.level,
         };
-        self.insert(
-            TlbEntry {
-                ctx: tag,
-                in_base: t.input_base(),
-                shift: t.block_shift,
-                out_base: t.output_base(),
-                ipa_base: t.input_base(),
-                tg_shift: t.granule.bits() as u8,
-                perms: EntryPerms {
-                    s1: None,
-                    s2: Some((t.perms, t.level, false)),
-                },
-            },
-            gen0,
-        );
+        // The PE model does not track Device memory at stage 2.
+        self.insert(TlbEntry::from_stage2(tag, &t, false), gen0);
         Ok((h, false))
     }
 
@@ -660,10 +573,15 @@ impl Pe {
             }
             None => {
                 inc(&self.counters.tlb_misses);
-                (self.s1_walk(s1, s2, ctx.vmid, tag, va, key_va)?, false)
+                (
+                    self.s1_walk(s1, s2, ctx.vmid, tag, (va, key_va), access)?,
+                    false,
+                )
             }
         };
-        // Stage 1 permissions first, then stage 2 on the output IPA.
+        // Stage 1 permissions first, then stage 2 on the output IPA (DDI0487 fault
+        // prioritisation; IHI0070 7.3.22 for the SMMU). A walk has checked stage 1
+        // already, before translating the output IPA; a hit checks it here.
         if let Some((p, ctl, level)) = e.perms.s1
             && check_s1(p, access, ctl).is_err()
         {
@@ -689,16 +607,17 @@ impl Pe {
         })
     }
 
-    /// Walks stage 1 (each table address through stage 2 when nested), then stage 2 of the
-    /// output IPA; inserts the entry unless an invalidation ran meanwhile.
+    /// Walks stage 1 (each table address through stage 2 when nested), checks the stage-1
+    /// permissions for `access` when nested, then stage 2 of the output IPA; inserts the
+    /// entry unless an invalidation ran meanwhile.
     fn s1_walk(
         &self,
         s1: &Stage1Config,
         s2: Option<Option<Stage2Config>>,
         vmid: u16,
         tag: Ctx,
-        va: u64,
-        key_va: u64,
+        (va, key_va): (u64, u64),
+        access: Access,
     ) -> Result<TlbEntry, PeFault> {
         inc(&self.counters.walks_s1);
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
@@ -729,40 +648,32 @@ impl Pe {
         };
         let perms: S1Perms = t.perms;
         let ctl: S1Controls = s1.controls();
-        let etag = if t.global { tag.global() } else { tag };
-        let e = match &s2 {
-            None => TlbEntry {
-                ctx: etag,
-                in_base: key_va & !(t.block_size() - 1),
-                shift: t.block_shift,
-                out_base: t.output_base(),
-                ipa_base: t.output_base(),
-                tg_shift: t.granule.bits() as u8,
-                perms: EntryPerms {
-                    s1: Some((perms, ctl, t.level)),
-                    s2: None,
-                },
-            },
+        let s2_out = match &s2 {
+            None => None,
             Some(s2c) => {
-                let ipa = t.output;
-                let (h, _) = self.s2_lookup(vmid, s2c.as_ref(), ipa)?;
-                // Combined size = min(stage-1 size, stage-2 size) (smmu_kvm.md §4.10).
-                let shift = t.block_shift.min(h.shift);
-                let mask = !((1u64 << shift) - 1);
-                TlbEntry {
-                    ctx: etag,
-                    in_base: key_va & mask,
-                    shift,
-                    out_base: h.pa & mask,
-                    ipa_base: ipa & mask,
-                    tg_shift: t.granule.bits() as u8,
-                    perms: EntryPerms {
-                        s1: Some((perms, ctl, t.level)),
-                        s2: Some((h.perms, h.level, false)),
-                    },
+                // A stage-1 Permission fault is found on the final stage-1 descriptor,
+                // before the output IPA is translated by stage 2, so it wins over any
+                // stage-2 fault of that IPA (DDI0487 D8; IHI0070 7.3.22 likewise).
+                if check_s1(perms, access, ctl).is_err() {
+                    return Err(PeFault::s1(Fault::new(
+                        FaultKind::Permission,
+                        t.level,
+                        Stage::Stage1,
+                    )));
                 }
+                let (h, _) = self.s2_lookup(vmid, s2c.as_ref(), t.output)?;
+                Some(OutputStage2 {
+                    pa: h.pa,
+                    shift: h.shift,
+                    perms: h.perms,
+                    level: h.level,
+                    device: false,
+                })
             }
         };
+        // Global (nG = 0) entries are tagged with no ASID; combined ones are the size of
+        // the smaller stage (as the SMMU's).
+        let e = TlbEntry::from_stage1(tag, key_va, &t, (perms, ctl), s2_out);
         self.insert(e, gen0);
         Ok(e)
     }

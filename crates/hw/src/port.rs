@@ -64,6 +64,14 @@ struct UEntry {
 
 const NO_SSID: u32 = u32::MAX;
 
+/// Every this many micro-TLB hits, a port marks the main-TLB entry behind the page it has
+/// just hit referenced for CLOCK ([`Smmu::touch`]), so entries hot only in micro-TLBs
+/// still get their second chance (each is sampled in proportion to its hits). A refill
+/// marks its entry too (it is a main-TLB hit). Marking reads the main TLB's reference bit
+/// and writes it only when clear: no shared-line write on the micro-TLB hit path, one
+/// shared read every `TOUCH_EVERY` hits; the count is the port's own hit counter.
+const TOUCH_EVERY: u64 = 256;
+
 #[inline(always)]
 fn slot(sid: u32, ssid: u32, page: u64, mask: usize) -> usize {
     // A multiplicative hash of the page mixed with the stream; pages of one stream spread
@@ -205,8 +213,11 @@ impl DmaPort {
             Ok((pa, hit)) => {
                 if hit {
                     // Single writer: a plain load and store, no read-modify-write.
-                    self.hits
-                        .store(self.hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                    let n = self.hits.load(Ordering::Relaxed) + 1;
+                    self.hits.store(n, Ordering::Relaxed);
+                    if n.is_multiple_of(TOUCH_EVERY) {
+                        smmu.touch(txn.sid, txn.ssid, txn.addr);
+                    }
                 }
                 Outcome::Translated { pa }
             }

@@ -319,7 +319,7 @@ pub struct QueueBase {
     pub __: bool,
 }
 
-/// Queue index registers: CMDQ_CONS has ERR[30:24]; EVENTQ_PROD and PRIQ_PROD have OVFLG at
+/// Queue index registers: CMDQ_CONS has ERR\[30:24\]; EVENTQ_PROD and PRIQ_PROD have OVFLG at
 /// bit 31; EVENTQ_CONS and PRIQ_CONS have OVACKFLG at bit 31. The low 20 bits hold the
 /// index and wrap bit (`LOG2SIZE + 1` bits used).
 #[bitfield(u32)]
@@ -334,7 +334,7 @@ pub struct QueueIndex {
     pub ovflg: bool,
 }
 
-/// IRQ_CFG0 registers: the MSI target address ADDR[51:2] (IHI0070 6.3.21).
+/// IRQ_CFG0 registers: the MSI target address ADDR\[51:2\] (IHI0070 6.3.21).
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct IrqCfg0 {

@@ -8,7 +8,7 @@ use twinmmu_vmsa::{ConfigError, Stage2Config, Stage2Params};
 
 use crate::config::{SmmuConfig, StallModel};
 
-/// L1STD (IHI0070 5.1): Span[4:0], L2Ptr[55:6].
+/// L1STD (IHI0070 5.1): Span\[4:0\], L2Ptr\[55:6\].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct L1Std {

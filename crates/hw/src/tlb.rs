@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use hashbrown::{HashMap, HashSet};
 use rustc_hash::FxBuildHasher;
-use twinmmu_vmsa::{S1Controls, S1Perms, S2Perms};
+use twinmmu_vmsa::{S1Controls, S1Perms, S1Translation, S2Perms, S2Translation};
 
 /// The translation regime an entry belongs to (StreamWorld, IHI0070 3.17).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -39,8 +39,9 @@ pub enum Kind {
     Nested = 2,
 }
 
-/// A TLB context tag, packed into a u64 (the hash-map key's first half).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A TLB context tag, packed into a u64 (the hash-map key's first half). The default is
+/// NS-EL1, stage 1, VMID 0, ASID 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Ctx(u64);
 
 impl Ctx {
@@ -102,7 +103,7 @@ fn vmid_key(world: World, vmid: u16) -> u32 {
 
 /// Permissions and levels of an entry: what a hit needs to re-check the access and, on a
 /// Permission fault, to report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EntryPerms {
     pub s1: Option<(S1Perms, S1Controls, u8)>,
     /// Stage-2 permissions, level, and whether stage 2 maps Device memory (S2PTW).
@@ -110,7 +111,7 @@ pub struct EntryPerms {
 }
 
 /// One cached translation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TlbEntry {
     pub ctx: Ctx,
     /// Input base (VA or IPA), aligned to the size.
@@ -125,7 +126,81 @@ pub struct TlbEntry {
     pub perms: EntryPerms,
 }
 
+/// Stage 2 of a nested translation's output IPA, as [`TlbEntry::from_stage1`] combines it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputStage2 {
+    /// The PA of the stage-1 output IPA.
+    pub pa: u64,
+    /// log2 of the stage-2 block or page size.
+    pub shift: u8,
+    pub perms: S2Perms,
+    pub level: u8,
+    /// Stage 2 maps Device memory there.
+    pub device: bool,
+}
+
 impl TlbEntry {
+    /// The entry a stage-1 walk `t` of `key_va` (the canonical VA the entry is keyed by)
+    /// makes in context `ctx` (its global twin when the leaf is global, nG = 0), with the
+    /// stage-1 permissions `s1` as the regime reads them. With `s2`, stage 2 of the output
+    /// IPA, it is the combined (nested) entry, the size of the smaller of the two
+    /// (smmu_kvm.md §4.10). One construction for the SMMU and the PE.
+    pub fn from_stage1(
+        ctx: Ctx,
+        key_va: u64,
+        t: &S1Translation,
+        s1: (S1Perms, S1Controls),
+        s2: Option<OutputStage2>,
+    ) -> TlbEntry {
+        let ctx = if t.global { ctx.global() } else { ctx };
+        let s1 = Some((s1.0, s1.1, t.level));
+        let tg_shift = t.granule.bits() as u8;
+        match s2 {
+            None => TlbEntry {
+                ctx,
+                in_base: key_va & !(t.block_size() - 1),
+                shift: t.block_shift,
+                out_base: t.output_base(),
+                ipa_base: t.output_base(),
+                tg_shift,
+                perms: EntryPerms { s1, s2: None },
+            },
+            Some(h) => {
+                let shift = t.block_shift.min(h.shift);
+                let mask = !((1u64 << shift) - 1);
+                TlbEntry {
+                    ctx,
+                    in_base: key_va & mask,
+                    shift,
+                    out_base: h.pa & mask,
+                    ipa_base: t.output & mask,
+                    tg_shift,
+                    perms: EntryPerms {
+                        s1,
+                        s2: Some((h.perms, h.level, h.device)),
+                    },
+                }
+            }
+        }
+    }
+
+    /// The stage-2 entry (IPA → PA) a stage-2 walk `t` makes in context `ctx`; `device`:
+    /// it maps Device memory (what S2PTW checks).
+    pub fn from_stage2(ctx: Ctx, t: &S2Translation, device: bool) -> TlbEntry {
+        TlbEntry {
+            ctx,
+            in_base: t.input_base(),
+            shift: t.block_shift,
+            out_base: t.output_base(),
+            ipa_base: t.input_base(),
+            tg_shift: t.granule.bits() as u8,
+            perms: EntryPerms {
+                s1: None,
+                s2: Some((t.perms, t.level, device)),
+            },
+        }
+    }
+
     pub fn size(&self) -> u64 {
         1u64 << self.shift
     }
@@ -159,6 +234,9 @@ struct CtxTlb {
     size_count: [u32; 64],
     sizes: u64,
     max_shift: u8,
+    /// An owner's lookup index over the entries dropped one of this incarnation's entries
+    /// while the store kept it ([`Tlb::mark_lossy`]): a miss there is not a miss here.
+    lossy: bool,
 }
 
 impl Default for CtxTlb {
@@ -170,6 +248,7 @@ impl Default for CtxTlb {
             size_count: [0; 64],
             sizes: 0,
             max_shift: 0,
+            lossy: false,
         }
     }
 }
@@ -194,6 +273,7 @@ impl CtxTlb {
         self.size_count = [0; 64];
         self.sizes = 0;
         self.max_shift = 0;
+        self.lossy = false;
     }
 
     fn remove(&mut self, e: &TlbEntry) {
@@ -258,6 +338,17 @@ impl InvScope {
     }
 }
 
+/// What [`Tlb::insert_with`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    /// It replaced an entry of the same context, base and size (else it is new).
+    pub replaced: bool,
+    /// The id of the context incarnation holding it ([`Tlb::context_id`]).
+    pub ctx_id: u64,
+    /// That context is lossy ([`Tlb::mark_lossy`]).
+    pub lossy: bool,
+}
+
 /// Counters of the main TLB.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TlbCounters {
@@ -292,6 +383,9 @@ pub struct Tlb {
     log_removals: bool,
     /// The id the next context created gets (ids are never reused).
     next_id: u64,
+    /// Contexts by id: every live one, and retired ones until the next sweep (a whole
+    /// drop does not pay for a removal here; lookups check the id is still current).
+    by_id: HashMap<u64, Ctx, FxBuildHasher>,
     /// Non-empty contexts removed whole so far.
     whole_drops: u64,
 }
@@ -317,6 +411,7 @@ impl Tlb {
             removed_log: Vec::new(),
             log_removals: false,
             next_id: 1,
+            by_id: HashMap::default(),
             whole_drops: 0,
         }
     }
@@ -342,17 +437,26 @@ impl Tlb {
         self.ctxs.get(&ctx).map(|c| c.id)
     }
 
+    /// [`Tlb::context_id`], with whether the context is lossy ([`Tlb::mark_lossy`]).
+    pub fn context_state(&self, ctx: Ctx) -> Option<(u64, bool)> {
+        self.ctxs.get(&ctx).map(|c| (c.id, c.lossy))
+    }
+
+    /// Records that an owner's lookup index over the entries (the SMMU's hit array) has
+    /// dropped an entry of context incarnation `id` that the store still holds, so the
+    /// index no longer answers for the whole context. Returns the context, if `id` is
+    /// live.
+    pub fn mark_lossy(&mut self, id: u64) -> Option<Ctx> {
+        let ctx = *self.by_id.get(&id)?;
+        let c = self.ctxs.get_mut(&ctx).filter(|c| c.id == id)?;
+        c.lossy = true;
+        Some(ctx)
+    }
+
     /// How many non-empty contexts have been removed whole (their ids retired) so far;
     /// [`Tlb::clear`] counts as one.
     pub fn whole_context_drops(&self) -> u64 {
         self.whole_drops
-    }
-
-    fn log_removed(&mut self, e: TlbEntry) {
-        if self.log_removals {
-            let id = self.ctxs.get(&e.ctx).map_or(0, |c| c.id);
-            self.removed_log.push((e, id));
-        }
     }
 
     pub fn len(&self) -> usize {
@@ -414,16 +518,32 @@ impl Tlb {
     pub fn insert_reporting_with(
         &mut self,
         e: TlbEntry,
-        mut used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
+        used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
     ) -> bool {
+        self.insert_with(e, used_elsewhere).replaced
+    }
+
+    /// [`Tlb::insert_reporting_with`], also giving the id of the context holding `e`.
+    pub fn insert_with(
+        &mut self,
+        e: TlbEntry,
+        mut used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
+    ) -> Inserted {
         let key = page_key(e.in_base, e.shift);
         if let Some(c) = self.ctxs.get(&e.ctx)
             && let Some(&i) = c.map.get(&key)
             && let Some(Some(slot)) = self.slots.get_mut(i as usize)
         {
             let old = std::mem::replace(&mut slot.entry, e);
-            self.log_removed(old);
-            return true;
+            let ctx_id = slot.ctx_id;
+            if self.log_removals {
+                self.removed_log.push((old, ctx_id));
+            }
+            return Inserted {
+                replaced: true,
+                ctx_id,
+                lossy: c.lossy,
+            };
         }
         if self.len >= self.capacity {
             self.evict_one(&mut used_elsewhere);
@@ -465,8 +585,10 @@ impl Tlb {
         });
         c.map.insert(key, i);
         c.by_addr.insert(e.in_base | u64::from(e.shift), i);
+        let ctx_id = c.id;
+        let lossy = c.lossy;
         if let Some(Some(sl)) = self.slots.get_mut(i as usize) {
-            sl.ctx_id = c.id;
+            sl.ctx_id = ctx_id;
         }
         let s = usize::from(e.shift & 63);
         c.size_count[s] += 1;
@@ -477,6 +599,13 @@ impl Tlb {
                 .entry(e.ctx.vmid_key())
                 .or_default()
                 .insert(e.ctx);
+            self.by_id.insert(ctx_id, e.ctx);
+            if self.by_id.len() > 2 * self.ctxs.len() + 64 {
+                // Forget retired ids (amortised over the contexts created meanwhile).
+                let ctxs = &self.ctxs;
+                self.by_id
+                    .retain(|id, c| ctxs.get(c).is_some_and(|t| t.id == *id));
+            }
             self.collect_empty_contexts();
         }
         if e.ctx.asid().is_none() {
@@ -484,7 +613,11 @@ impl Tlb {
         }
         self.len += 1;
         self.counters.inserts += 1;
-        false
+        Inserted {
+            replaced: false,
+            ctx_id,
+            lossy,
+        }
     }
 
     /// Empty contexts are kept (so a context that empties and refills does not churn its
@@ -496,6 +629,8 @@ impl Tlb {
         }
         self.ctxs.retain(|_, c| !c.map.is_empty());
         let ctxs = &self.ctxs;
+        self.by_id
+            .retain(|id, c| ctxs.get(c).is_some_and(|t| t.id == *id));
         self.by_vmid.retain(|_, set| {
             set.retain(|c| ctxs.contains_key(c));
             !set.is_empty()
@@ -527,7 +662,9 @@ impl Tlb {
     fn remove_slot(&mut self, i: u32) -> Option<TlbEntry> {
         let slot = self.slots.get_mut(i as usize)?.take()?;
         let e = slot.entry;
-        self.log_removed(e);
+        if self.log_removals {
+            self.removed_log.push((e, slot.ctx_id));
+        }
         if let Some(c) = self.ctxs.get_mut(&e.ctx) {
             c.remove(&e);
         }
@@ -636,6 +773,7 @@ impl Tlb {
         let n = self.len;
         self.whole_drops += 1;
         self.ctxs.clear();
+        self.by_id.clear();
         self.slots.clear();
         self.free.clear();
         self.hand = 0;
@@ -874,6 +1012,38 @@ mod tests {
                 .collect::<Vec<_>>(),
             [0x5000]
         );
+    }
+
+    #[test]
+    fn lossy_marks_follow_the_context_incarnation() {
+        let mut t = Tlb::new(16);
+        let a = ctx(1, Some(1));
+        let ins = t.insert_with(entry(a, 0x1000, 12), |_, _| false);
+        assert_eq!((ins.replaced, ins.lossy), (false, false));
+        assert_eq!(t.context_state(a), Some((ins.ctx_id, false)));
+        assert_eq!(t.mark_lossy(ins.ctx_id), Some(a));
+        assert_eq!(t.context_state(a), Some((ins.ctx_id, true)));
+        let again = t.insert_with(entry(a, 0x1000, 12), |_, _| false);
+        assert_eq!(
+            (again.replaced, again.ctx_id, again.lossy),
+            (true, ins.ctx_id, true)
+        );
+        // Dropped whole: the id retires; a new incarnation starts exact.
+        let all = InvScope {
+            worlds: 1,
+            kinds: InvScope::ALL_KINDS,
+            vmid: Some(1),
+            asid: AsidMatch::Any,
+            skip_aset: false,
+            range: None,
+        };
+        assert_eq!(t.invalidate(&all), 1);
+        assert_eq!(t.mark_lossy(ins.ctx_id), None, "a retired id names nothing");
+        let new = t.insert_with(entry(a, 0x2000, 12), |_, _| false);
+        assert_ne!(new.ctx_id, ins.ctx_id);
+        assert_eq!(t.context_state(a), Some((new.ctx_id, false)));
+        t.clear();
+        assert_eq!(t.mark_lossy(new.ctx_id), None);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use crate::smmu::{Live, Smmu, inc};
 use crate::ste::{
     AttrOverride, L1Std, S1Ctx, S1Dss, S2Config, Ste, StreamConfig, StreamWorld, decode_ste,
 };
-use crate::tlb::{Ctx, EntryPerms, Kind, TlbEntry, World};
+use crate::tlb::{Ctx, EntryPerms, Kind, OutputStage2, Tlb, TlbEntry, World};
 
 /// One transaction at the SMMU's input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -289,7 +289,22 @@ struct S2Hit {
     perms: S2Perms,
     level: u8,
     device: bool,
-    tg_shift: u8,
+}
+
+impl S2Hit {
+    /// What stage-2 entry `e` says of `ipa`.
+    fn of(e: &TlbEntry, ipa: u64) -> S2Hit {
+        let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
+        S2Hit {
+            pa: e.output(ipa),
+            in_base: e.in_base,
+            shift: e.shift,
+            out_base: e.out_base,
+            perms,
+            level,
+            device,
+        }
+    }
 }
 
 /// Stage-1 context of a stream after CD selection.
@@ -706,12 +721,10 @@ impl Smmu {
         want_fill: bool,
     ) -> Result<Resolved, bool> {
         let va = txn.addr;
-        let key = if c.s1 && c.tbi[((va >> 55) & 1) as usize] {
-            (((va << 8) as i64) >> 8) as u64
-        } else {
-            va
-        };
-        let e = self.hit.probe_hit(c.ids, key, c.global_first).ok_or(true)?;
+        let e = self
+            .hit
+            .probe_hit(c.ids, c.key(va), c.global_first)
+            .ok_or(true)?;
         // The entry's permissions were evaluated for each effective access when it was
         // inserted; the context maps the incoming attributes to the effective access.
         let incoming = access_bit(txn.kind, txn.privileged).trailing_zeros() as usize;
@@ -730,6 +743,21 @@ impl Smmu {
                     .fold(0, |m, j| m | (1 << j)),
             }),
         })
+    }
+
+    /// Marks the main-TLB entry that translates `addr` of `sid`/`ssid` referenced for CLOCK,
+    /// as a hit would,
+    /// without translating or counting: for a micro-TLB that serves the page on its own
+    /// ([`crate::DmaPort`]). Through the hit path only; if that cannot find the entry,
+    /// nothing is marked (CLOCK is an approximation, and the next refill marks it).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn touch(&self, sid: u32, ssid: Option<u32>, addr: u64) {
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        if let Some(c) = self.ctxs.lookup(sid, ssid, generation) {
+            // The probe sets the entry's reference bit when it is clear.
+            let _ = self.hit.probe_hit(c.ids, c.key(addr), c.global_first);
+        }
     }
 
     /// Records a stream's hit context (with the current store ids of `tag` and of its
@@ -913,7 +941,7 @@ impl Smmu {
                 if txn.addr >> self.cfg.oas_bits != 0 {
                     return Err(Fail::Fault(XFault::config(EventType::FAddrSize)));
                 }
-                let h = self.s2_translate(&s2, txn.addr, access, FaultClass::In)?;
+                let h = self.s2_translate(&s2, txn.addr, access, FaultClass::In, None)?;
                 self.fill_ctx(
                     txn,
                     &slow,
@@ -1096,30 +1124,9 @@ impl Smmu {
         ipa: u64,
         access: Access,
         class: FaultClass,
+        batch: Option<&mut Batch>,
     ) -> Result<S2Hit, Fail> {
-        let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
-        let cached = self.tlb_lookup(ctx, ipa);
-        let h = match cached {
-            Some(e) => {
-                inc(&self.counters.tlb_hits);
-                let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
-                S2Hit {
-                    pa: e.output(ipa),
-                    in_base: e.in_base,
-                    shift: e.shift,
-                    out_base: e.out_base,
-                    perms,
-                    level,
-                    device,
-                    tg_shift: e.tg_shift,
-                }
-            }
-            None => {
-                inc(&self.counters.tlb_misses);
-                self.s2_walk(s2, ipa, ctx)
-                    .map_err(|f| self.s2_fault(s2, f, ipa, class))?
-            }
-        };
+        let h = self.s2_entry(s2, ipa, class, batch)?;
         if check_s2(h.perms, access).is_err() {
             return Err(self.s2_fault(
                 s2,
@@ -1131,35 +1138,89 @@ impl Smmu {
         Ok(h)
     }
 
+    /// The stage-2 entry of `ipa` (no permission check): the TLB (and the entries `batch`
+    /// holds for insertion), else a walk, whose entry goes into `batch` when there is one
+    /// and into the TLB at once otherwise.
+    fn s2_entry(
+        &self,
+        s2: &S2Config,
+        ipa: u64,
+        class: FaultClass,
+        batch: Option<&mut Batch>,
+    ) -> Result<S2Hit, Fail> {
+        let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
+        let cached = match batch.as_deref().and_then(|b| b.find(ctx, ipa)) {
+            Some(e) => Some(e),
+            None => self.tlb_lookup(ctx, ipa),
+        };
+        if let Some(e) = cached {
+            inc(&self.counters.tlb_hits);
+            return Ok(S2Hit::of(&e, ipa));
+        }
+        inc(&self.counters.tlb_misses);
+        self.s2_walk(s2, ipa, ctx, batch)
+            .map_err(|f| self.s2_fault(s2, f, ipa, class))
+    }
+
     pub(crate) fn tlb_insert(&self, e: TlbEntry, gen0: u64) {
+        self.tlb_insert_all([&e], gen0);
+    }
+
+    /// Inserts `entries` in order under one acquisition of the store lock, unless an
+    /// invalidation ran since `gen0` was read (before the walks that made them began).
+    pub(crate) fn tlb_insert_all<'a>(
+        &self,
+        entries: impl IntoIterator<Item = &'a TlbEntry>,
+        gen0: u64,
+    ) {
+        let mut entries = entries.into_iter().peekable();
+        if entries.peek().is_none() {
+            return;
+        }
         let mut t = self.tlb.lock();
         // An invalidation since the walk started may have covered what it read.
-        if self.tlb_gen.load(Ordering::Acquire) == gen0 {
+        if self.tlb_gen.load(Ordering::Acquire) != gen0 {
+            return;
+        }
+        // Under the store lock the generation is exact for the ids read there.
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        for e in entries {
             // Entries hit through the array are referenced there: CLOCK asks it.
-            let replaced = t.insert_reporting_with(e, |old, id| self.hit.take_referenced(id, old));
+            let ins = t.insert_with(*e, |old, id| self.hit.take_referenced(id, old));
             // What the store evicted or replaced leaves the lookup array first.
             for (old, id) in t.drain_removed() {
                 self.hit.remove(id, &old);
             }
-            if let Some(id) = t.context_id(e.ctx) {
-                if replaced {
-                    self.hit.insert(id, &e);
-                } else {
-                    self.hit.insert_new(id, &e);
-                }
-                // Under the store lock the generation is exact for the ids read there.
-                let generation = self.ctx_gen.load(Ordering::Acquire);
-                if self.ids.lookup(e.ctx, generation) != Some(id) {
-                    self.ids.fill(e.ctx, id, generation);
-                }
+            let dropped = if ins.replaced {
+                self.hit.insert(ins.ctx_id, e)
+            } else {
+                self.hit.insert_new(ins.ctx_id, e)
+            };
+            if self.ids.lookup_state(e.ctx, generation) != Some((ins.ctx_id, ins.lossy)) {
+                self.ids.fill(e.ctx, ins.ctx_id, ins.lossy, generation);
             }
+            self.array_dropped(&mut t, dropped, generation);
+        }
+    }
+
+    /// The lookup array gave up an entry of context incarnation `dropped` (a full set) that
+    /// the store keeps: the context becomes lossy, in the store and in the id cache, so its
+    /// array misses go to the store again. Under the store lock.
+    fn array_dropped(&self, t: &mut Tlb, dropped: Option<u64>, generation: u64) {
+        if let Some(id) = dropped
+            && let Some(c) = t.mark_lossy(id)
+            && self.ids.lookup(c, generation) == Some(id)
+        {
+            self.ids.fill(c, id, true, generation);
         }
     }
 
     /// A slow-path main-TLB lookup (for an ASID-tagged context a global entry of the same
     /// context also matches, IHI0070 3.17.1): the lookup array, when the ids of the
-    /// contexts are known under the current generation, then the store under its lock,
-    /// whose hit goes into the array.
+    /// contexts are known under the current generation; then, unless the array holds every
+    /// entry of both contexts (neither is lossy), the store under its lock, whose hit goes
+    /// into the array. A miss is always safe (the caller walks), so an id that went stale
+    /// since the cache recorded it costs a walk, never a wrong translation.
     pub(crate) fn tlb_lookup(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
         self.tlb_lookup_from(ctx, addr, None)
     }
@@ -1170,32 +1231,39 @@ impl Smmu {
         let generation = self.ctx_gen.load(Ordering::Acquire);
         let global = ctx.asid().is_some().then(|| ctx.global());
         // Ids known under the current generation (0: the context holds no entries).
-        let own = self.ids.lookup(ctx, generation);
-        let twin = global.and_then(|g| self.ids.lookup(g, generation));
-        let ids = [own.unwrap_or(0), twin.unwrap_or(0)];
+        let own = self.ids.lookup_state(ctx, generation);
+        let twin = global.and_then(|g| self.ids.lookup_state(g, generation));
+        let ids = [own.map_or(0, |s| s.0), twin.map_or(0, |s| s.0)];
         if probed != Some(ids)
             && ids != [0, 0]
             && let Some(e) = self.hit.lookup(ids, [ctx, global.unwrap_or(ctx)], addr)
         {
             return Some(e);
         }
-        let t = self.tlb.lock();
+        // Both contexts known and not lossy: the array has answered for the store too.
+        let exact = |s: Option<(u64, bool)>| s.is_some_and(|(_, lossy)| !lossy);
+        if exact(own) && (global.is_none() || exact(twin)) {
+            return None;
+        }
+        let mut t = self.tlb.lock();
         // Under the store lock the generation is exact for the ids read there. Ids the
         // cache did not know are recorded (0: the context holds nothing); a known one is
         // corrected below if the store answers from another incarnation.
         let generation = self.ctx_gen.load(Ordering::Acquire);
         for (c, cached) in [(Some(ctx), own), (global, twin)] {
             if let (Some(c), None) = (c, cached) {
-                self.ids.fill(c, t.context_id(c).unwrap_or(0), generation);
+                let (id, lossy) = t.context_state(c).unwrap_or((0, false));
+                self.ids.fill(c, id, lossy, generation);
             }
         }
         let e = t.lookup(ctx, addr)?;
-        if let Some(id) = t.context_id(e.ctx) {
-            self.hit.insert(id, &e);
+        if let Some((id, lossy)) = t.context_state(e.ctx) {
+            let dropped = self.hit.insert(id, &e);
             let known = if e.ctx == ctx { own } else { twin };
-            if known.is_some_and(|k| k != id) {
-                self.ids.fill(e.ctx, id, generation);
+            if known.is_some_and(|k| k != (id, lossy)) {
+                self.ids.fill(e.ctx, id, lossy, generation);
             }
+            self.array_dropped(&mut t, dropped, generation);
         }
         Some(e)
     }
@@ -1209,6 +1277,7 @@ impl Smmu {
                     addr,
                     Access::new(AccessKind::Read, true),
                     FaultClass::Cd,
+                    None,
                 )?
                 .pa
             }
@@ -1266,6 +1335,7 @@ impl Smmu {
                     cd_addr,
                     Access::new(AccessKind::Read, true),
                     FaultClass::Cd,
+                    None,
                 )?
                 .pa
             }
@@ -1366,11 +1436,13 @@ impl Smmu {
             }
             None => {
                 inc(&self.counters.tlb_misses);
-                self.s1_walk(va, key_va, sel, s2, ctx)?
+                self.s1_walk(va, key_va, sel, s2, ctx, access)?
             }
         };
-        // Permissions: stage 1 first, then stage 2 (IHI0070 3.3.3); a stage-2 permission
-        // fault on the output is CLASS = IN with the IPA.
+        // Permissions: stage 1 first, then stage 2 (IHI0070 7.3.22: the final stage-1
+        // descriptor's F_PERMISSION comes before any fault of the output IPA's stage 2); a
+        // stage-2 permission fault on the output is CLASS = IN with the IPA. A walk has
+        // already checked stage 1 (before translating the output); a hit checks it here.
         if let Some((p, ctl, level)) = entry.perms.s1
             && check_s1(p, access, ctl).is_err()
         {
@@ -1405,7 +1477,9 @@ impl Smmu {
     }
 
     /// Walks stage 1 (and stage 2 for every table address and the output, when nested),
-    /// inserts the resulting entry and returns it. Permission checks are the caller's.
+    /// inserts the resulting entry and returns it. When nested, the stage-1 permission
+    /// check for `access` comes between the stage-1 walk and stage 2 of the output IPA
+    /// (IHI0070 7.3.22); the stage-2 permission check on the output is the caller's.
     fn s1_walk(
         &self,
         va: u64,
@@ -1413,8 +1487,41 @@ impl Smmu {
         sel: &S1Sel,
         s2: Option<&S2Config>,
         ctx: Ctx,
+        access: Access,
     ) -> Result<TlbEntry, Fail> {
+        // Read before any walk: what the walks read is inserted only if no invalidation
+        // ran since.
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
+        if s2.is_none() {
+            let r = self.s1_walk_in(va, key_va, sel, None, ctx, access, &mut Batch::default());
+            if let Ok(e) = &r {
+                self.tlb_insert(*e, gen0);
+            }
+            return r;
+        }
+        let mut batch = Batch::default();
+        let r = self.s1_walk_in(va, key_va, sel, s2, ctx, access, &mut batch);
+        if let Ok(e) = r {
+            batch.push(self, e, gen0);
+        }
+        // The stage-2 entries of the walk (and its combined entry) go in together, also
+        // when a later step faulted: one acquisition of the store lock for all of them.
+        self.tlb_insert_all(batch.entries(), gen0);
+        r
+    }
+
+    /// [`Smmu::s1_walk`] before the insertion: the entries it makes go into `batch`.
+    #[allow(clippy::too_many_arguments)]
+    fn s1_walk_in(
+        &self,
+        va: u64,
+        key_va: u64,
+        sel: &S1Sel,
+        s2: Option<&S2Config>,
+        ctx: Ctx,
+        access: Access,
+        batch: &mut Batch,
+    ) -> Result<TlbEntry, Fail> {
         inc(&self.counters.walks_s1);
         let mem = WalkMem(&*self.mem);
         let w = match s2 {
@@ -1439,6 +1546,7 @@ impl Smmu {
                         ipa,
                         Access::new(AccessKind::Read, true),
                         FaultClass::Tt,
+                        Some(&mut *batch),
                     )?;
                     // STE.S2PTW: a walk access to Device memory is a stage-2 Permission
                     // fault (IHI0070 5.2 S2PTW).
@@ -1478,75 +1586,54 @@ impl Smmu {
         } else {
             (t.perms, sel.cd.walk.controls())
         };
-        // Global (nG = 0) entries are tagged with no ASID.
-        let ectx = if t.global { ctx.global() } else { ctx };
-        let e = match s2 {
-            None => TlbEntry {
-                ctx: ectx,
-                in_base: key_va & !(t.block_size() - 1),
-                shift: t.block_shift,
-                out_base: t.output_base(),
-                ipa_base: t.output_base(),
-                tg_shift: t.granule.bits() as u8,
-                perms: EntryPerms {
-                    s1: Some((s1perms, ctl, t.level)),
-                    s2: None,
-                },
-            },
+        let s2_out = match s2 {
+            None => None,
             Some(s2c) => {
-                // Stage 2 of the output IPA. Its permission check is done on the combined
-                // entry by the caller, so ask for a read the table walk would need anyway
-                // and check the real access later; a read-denied page still caches.
-                let ipa = t.output;
-                let h = self.s2_translate_nocheck(s2c, ipa)?;
-                // Combined size = min(S1, S2) (smmu_kvm.md §4.10).
-                let shift = t.block_shift.min(h.shift);
-                let mask = !((1u64 << shift) - 1);
-                TlbEntry {
-                    ctx: ectx,
-                    in_base: key_va & mask,
-                    shift,
-                    out_base: h.pa & mask,
-                    ipa_base: ipa & mask,
-                    tg_shift: t.granule.bits() as u8,
-                    perms: EntryPerms {
-                        s1: Some((s1perms, ctl, t.level)),
-                        s2: Some((h.perms, h.level, h.device)),
-                    },
+                // IHI0070 7.3.22 (nested walk, steps 4 and 5): the final stage-1
+                // descriptor's F_ACCESS and F_PERMISSION come before anything stage 2 of
+                // the output IPA can raise; that walk only happens once stage 1 has
+                // granted the access. So a stage-1 Permission fault is reported (S2 = 0)
+                // even when the output IPA would also fault at stage 2.
+                if check_s1(s1perms, access, ctl).is_err() {
+                    return Err(self.s1_fault(
+                        sel,
+                        twinmmu_vmsa::Fault::new(FaultKind::Permission, t.level, Stage::Stage1),
+                    ));
                 }
+                // Stage 2 of the output IPA. Its permission check is done on the combined
+                // entry by the caller (an entry whose stage 2 denies this access still
+                // caches, for the accesses it allows).
+                let h = self.s2_entry(s2c, t.output, FaultClass::In, Some(batch))?;
+                Some(OutputStage2 {
+                    pa: h.pa,
+                    shift: h.shift,
+                    perms: h.perms,
+                    level: h.level,
+                    device: h.device,
+                })
             }
         };
-        self.tlb_insert(e, gen0);
-        Ok(e)
-    }
-
-    /// Stage 2 of a nested stage-1 output (CLASS = IN) without the permission check.
-    fn s2_translate_nocheck(&self, s2: &S2Config, ipa: u64) -> Result<S2Hit, Fail> {
-        // An access every S2 descriptor grants for the purpose of the lookup is not
-        // expressible, so look up and walk directly.
-        let ctx = Ctx::new(World::NsEl1, Kind::S2, s2.vmid, None, false);
-        if let Some(e) = self.tlb_lookup(ctx, ipa) {
-            inc(&self.counters.tlb_hits);
-            let (perms, level, device) = e.perms.s2.unwrap_or((S2Perms::default(), 3, false));
-            return Ok(S2Hit {
-                pa: e.output(ipa),
-                in_base: e.in_base,
-                shift: e.shift,
-                out_base: e.out_base,
-                perms,
-                level,
-                device,
-                tg_shift: e.tg_shift,
-            });
-        }
-        inc(&self.counters.tlb_misses);
-        self.s2_walk(s2, ipa, ctx)
-            .map_err(|f| self.s2_fault(s2, f, ipa, FaultClass::In))
+        // Global (nG = 0) entries are tagged with no ASID; nested ones are the size of the
+        // smaller stage.
+        Ok(TlbEntry::from_stage1(
+            ctx,
+            key_va,
+            &t,
+            (s1perms, ctl),
+            s2_out,
+        ))
     }
 
     /// Walks stage 2 for `ipa`, counting every descriptor read by level, and caches the
-    /// result as an S2 entry of `ctx` unless an invalidation ran meanwhile.
-    fn s2_walk(&self, s2: &S2Config, ipa: u64, ctx: Ctx) -> Result<S2Hit, twinmmu_vmsa::Fault> {
+    /// result as an S2 entry of `ctx`: into `batch`, or at once unless an invalidation ran
+    /// meanwhile.
+    fn s2_walk(
+        &self,
+        s2: &S2Config,
+        ipa: u64,
+        ctx: Ctx,
+        batch: Option<&mut Batch>,
+    ) -> Result<S2Hit, twinmmu_vmsa::Fault> {
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
         inc(&self.counters.walks_s2);
         let mut count = |pa: u64, level: u8| -> Result<u64, std::convert::Infallible> {
@@ -1561,32 +1648,46 @@ impl Smmu {
                 },
             )?;
         // FEAT_S2FWB is not implemented: MemAttr[3:2] = 0b00 is Device.
-        let h = S2Hit {
-            pa: t.output,
-            in_base: t.input_base(),
-            shift: t.block_shift,
-            out_base: t.output_base(),
-            perms: t.perms,
-            level: t.level,
-            device: t.attrs.is_device(),
-            tg_shift: t.granule.bits() as u8,
-        };
-        self.tlb_insert(
-            TlbEntry {
-                ctx,
-                in_base: h.in_base,
-                shift: h.shift,
-                out_base: h.out_base,
-                ipa_base: h.in_base,
-                tg_shift: h.tg_shift,
-                perms: EntryPerms {
-                    s1: None,
-                    s2: Some((h.perms, h.level, h.device)),
-                },
-            },
-            gen0,
-        );
+        let e = TlbEntry::from_stage2(ctx, &t, t.attrs.is_device());
+        let h = S2Hit::of(&e, ipa);
+        match batch {
+            Some(b) => b.push(self, e, gen0),
+            None => self.tlb_insert(e, gen0),
+        }
         Ok(h)
+    }
+}
+
+/// The entries one nested translation makes (stage 2 of each stage-1 table IPA and of the
+/// output, then the combined entry), inserted together at its end under one acquisition of
+/// the store lock. Its own later stage-2 lookups see them (two table IPAs in one stage-2
+/// block, say).
+#[derive(Default)]
+pub(crate) struct Batch {
+    n: usize,
+    // `Option`s: a new batch only marks its slots empty (no 8-entry initialisation).
+    e: [Option<TlbEntry>; 8],
+}
+
+impl Batch {
+    fn entries(&self) -> impl Iterator<Item = &TlbEntry> {
+        self.e[..self.n].iter().flatten()
+    }
+
+    /// Adds `e`; a full batch is inserted first (made under `gen0`).
+    fn push(&mut self, smmu: &Smmu, e: TlbEntry, gen0: u64) {
+        if self.n == self.e.len() {
+            smmu.tlb_insert_all(self.entries(), gen0);
+            self.n = 0;
+        }
+        self.e[self.n] = Some(e);
+        self.n += 1;
+    }
+
+    fn find(&self, ctx: Ctx, addr: u64) -> Option<TlbEntry> {
+        self.entries()
+            .find(|e| e.ctx == ctx && e.covers(addr))
+            .copied()
     }
 }
 

@@ -453,3 +453,50 @@ fn e2h_change_refetches_cds() {
     );
     assert_eq!(cached(&m), vec![(World::El2E2h, Some(5), VHI)]);
 }
+
+/// A VHE host's TLBI VAAE1IS / VAALE1IS (and range forms) travel as the EL2&0 "by VA, all
+/// ASIDs" operations and act as CMD_TLBI_EL2_VAA (IHI0070 4.4.2.9): every ASID's entry at
+/// the address, global ones too, ASET = 1 ones too (not ASID-scoped), and nothing else;
+/// without CR2.E2H, the EL2 world's entry at the address.
+#[test]
+fn vaae2is_acts_as_el2_vaa() {
+    let w = World::El2E2h;
+    for aset in [false, true] {
+        let m = el2_machine(true, aset);
+        for op in [TlbiOp::Vaae2is, TlbiOp::Vaale2is] {
+            fill(&m);
+            bcast(&m, Tlbi::new(op, 7).with_asid(99).with_addr(VA0));
+            let after = cached(&m);
+            assert_eq!(
+                after,
+                vec![(w, None, VG), (w, Some(5), VA1)],
+                "{op:?}, ASET {aset}"
+            );
+            fill(&m);
+            cmd(&m, build::tlbi_el2_vaa(VA0, op.is_leaf()));
+            assert_eq!(cached(&m), after, "{op:?} = EL2_VAA");
+            bcast(&m, Tlbi::new(op, 7).with_addr(VG));
+            assert_eq!(cached(&m), vec![(w, Some(5), VA1)], "a global entry");
+            m.submit(&[build::tlbi_el2_all(), build::sync()]);
+        }
+        let range = TlbiRange {
+            tg_shift: 12,
+            num: 1,
+            scale: 0,
+            ttl: 0,
+        };
+        for op in [TlbiOp::Rvaae2is, TlbiOp::Rvaale2is] {
+            fill(&m);
+            bcast(&m, Tlbi::new(op, 7).with_addr(VA0).with_range(range));
+            assert_eq!(cached(&m), vec![(w, None, VG)], "{op:?}, ASET {aset}");
+            m.submit(&[build::tlbi_el2_all(), build::sync()]);
+        }
+    }
+    let m = el2_machine(false, false);
+    fill(&m);
+    bcast(&m, Tlbi::new(TlbiOp::Vaae2is, 7).with_addr(VA0));
+    assert_eq!(
+        cached(&m),
+        vec![(World::El2, None, VA1), (World::El2, None, VG)]
+    );
+}

@@ -391,6 +391,89 @@ fn stage2_faults_carry_class_and_ipa() {
     assert_eq!((r[1] >> 40) & 3, 2, "CLASS = IN");
 }
 
+/// IHI0070 7.3.22: in a nested walk the final stage-1 descriptor's F_PERMISSION comes
+/// before every fault of stage 2 on the output IPA, which is translated only once stage 1
+/// has granted the access. So a write to a stage-1 read-only page reports the stage-1
+/// Permission fault (S2 = 0) whether its output IPA is unmapped at stage 2 (on a walk)
+/// or read-only there too (on a hit of the combined entry).
+#[test]
+fn stage1_permission_fault_comes_before_stage2_of_the_output() {
+    let mut m = Machine::new(SmmuConfig::default());
+    let mem = m.mem.clone();
+    let mut s2 = s2_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 40, 1);
+    s2.map(CDS, CDS, 0x1000, S2LeafAttrs::rw().bits()).unwrap();
+    let mut s1 = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
+    let s1_ro = S1LeafAttrs {
+        read_only: true,
+        el0: true,
+        ..S1LeafAttrs::rw()
+    };
+    // IOVA → IPA 0x6000_0000 (unmapped at stage 2); IOVA + 4K → IPA 0x6000_1000, which
+    // stage 2 maps read-only. Stage 1 is read-only for both.
+    s1.map(IOVA, 0x6000_0000, 0x2000, s1_ro.bits()).unwrap();
+    s2.map(TABLES, TABLES, 0x100_0000, S2LeafAttrs::rw().bits())
+        .unwrap();
+    let s2_ro = S2LeafAttrs {
+        write: false,
+        ..S2LeafAttrs::rw()
+    };
+    s2.map(0x6000_1000, DATA, 0x1000, s2_ro.bits()).unwrap();
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, s1.root(), 3));
+    let mut ste = s2_ste(Granule::Size4K, 40, 1, s2.root(), 12);
+    ste.dw0 = SteDw0::new()
+        .with_v(true)
+        .with_config(0b111)
+        .with_s1_context_ptr(CDS >> 6);
+    m.set_ste(SID, &ste);
+
+    // A read of the second page translates (caching the stage-2 entries of the tables and
+    // the combined entry).
+    assert_eq!(
+        m.smmu
+            .translate(txn(SID, None, IOVA + 0x1008, AccessKind::Read)),
+        Outcome::Translated { pa: DATA + 8 }
+    );
+    // A read of the first page: stage 1 grants it, stage 2 of the output faults.
+    let r = one_event(
+        &m,
+        txn(SID, None, IOVA + 0x10, AccessKind::Read),
+        EventType::FTranslation,
+    );
+    assert_ne!(r[1] & (1 << 39), 0, "S2");
+    assert_eq!((r[1] >> 40) & 3, 2, "CLASS = IN");
+    assert_eq!(r[3], 0x6000_0000, "IPA");
+
+    // On a walk: a write to the first page is a stage-1 Permission fault, and stage 2 of
+    // its output is never walked.
+    let before = m.smmu.stats();
+    let r = one_event(
+        &m,
+        txn(SID, None, IOVA + 0x10, AccessKind::Write),
+        EventType::FPermission,
+    );
+    let after = m.smmu.stats();
+    assert_eq!(r[1] & (1 << 39), 0, "S2 = 0: a stage-1 fault");
+    assert_eq!(r[3], 0, "no IPA for a stage-1 fault");
+    assert_eq!(r[2], IOVA + 0x10, "InputAddr");
+    assert_eq!(after.walks_s1 - before.walks_s1, 1, "one stage-1 walk");
+    assert_eq!(
+        after.walks_s2, before.walks_s2,
+        "no stage-2 walk of the output IPA"
+    );
+
+    // On a hit of the combined entry (stage 1 and stage 2 both read-only): stage 1 again.
+    let before = m.smmu.stats();
+    let r = one_event(
+        &m,
+        txn(SID, None, IOVA + 0x1010, AccessKind::Write),
+        EventType::FPermission,
+    );
+    let after = m.smmu.stats();
+    assert_eq!(after.walks_s1, before.walks_s1, "a TLB hit, no walk");
+    assert_eq!(r[1] & (1 << 39), 0, "S2 = 0: a stage-1 fault");
+    assert_eq!(r[3], 0, "no IPA for a stage-1 fault");
+}
+
 #[test]
 fn razwi_termination_with_cd_a_clear() {
     let (m, ttb) = s1_machine();

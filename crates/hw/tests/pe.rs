@@ -81,6 +81,12 @@ fn architecture_says(e: &TlbEntry, t: &Tlbi, vhe: bool) -> bool {
             }
         }
         Aside2is => c.world() == World::El2E2h && c.asid() == Some(t.asid),
+        // By VA for every ASID: the EL2&0 world with E2H (any ASID, global or not), the
+        // EL2 world without.
+        Vaae2is | Vaale2is | Rvaae2is | Rvaale2is => {
+            let world = if vhe { World::El2E2h } else { World::El2 };
+            c.world() == world && overlaps
+        }
     }
 }
 
@@ -241,6 +247,7 @@ fn tlbi_instructions_follow_the_regime() {
         TlbiOp::Alle1is,
         TlbiOp::Alle2is,
         TlbiOp::Vae2is,
+        TlbiOp::Vaae2is,
     ] {
         assert_eq!(
             dvm.tlbi(0, TlbiInsn::new(op)),
@@ -264,6 +271,32 @@ fn tlbi_instructions_follow_the_regime() {
             .unwrap()
             .op,
         TlbiOp::Aside2is
+    );
+    // By VA for all ASIDs: the EL2&0 forms, not ALLE2IS (which would over-invalidate).
+    let r = TlbiRange {
+        tg_shift: 12,
+        num: 3,
+        scale: 0,
+        ttl: 0,
+    };
+    for (op, el2) in [
+        (TlbiInsn::new(TlbiOp::Vaae1is), TlbiOp::Vaae2is),
+        (TlbiInsn::new(TlbiOp::Vaale1is), TlbiOp::Vaale2is),
+        (
+            TlbiInsn::new(TlbiOp::Rvaae1is).with_range(r),
+            TlbiOp::Rvaae2is,
+        ),
+        (
+            TlbiInsn::new(TlbiOp::Rvaale1is).with_range(r),
+            TlbiOp::Rvaale2is,
+        ),
+    ] {
+        let t = dvm.tlbi(0, op.with_addr(0x7000)).unwrap();
+        assert_eq!((t.op, t.addr), (el2, 0x7000));
+    }
+    assert_eq!(
+        dvm.tlbi(0, TlbiInsn::new(TlbiOp::Vmalle1is)).unwrap().op,
+        TlbiOp::Alle2is
     );
     // ... and may issue stage-2 maintenance with VTTBR's VMID.
     let mut ctx = PeContext::host(true);
@@ -330,45 +363,13 @@ impl MemoryMut for Ipa<'_> {
     }
 }
 
-/// A stage 2 mapping IPA0.. → RAM (40-bit IPA, 4K, start level 1) and a guest stage 1 in
-/// guest memory mapping VA 0x10_0000 (4 pages) to IPA0 + 0x80_0000.
-fn guest_tables(m: &SparseMem) -> (Stage2Config, Stage1Config, u64) {
-    let walk = WalkMem(m);
-    let fmt = TableFormat::stage2(Granule::Size4K, 40, 1, PaSize::Bits48).unwrap();
-    let mut s2 =
-        TableBuilder::new(fmt, &walk, BumpAllocator::new(RAM + 0xf00_0000, 0x40_0000)).unwrap();
-    s2.map(IPA0, RAM, 0x200_0000, S2LeafAttrs::rw().bits())
-        .unwrap();
-    let s2cfg = Stage2Config::new(
-        &Stage2Params {
-            s2ttb: s2.root(),
-            s2t0sz: 24,
-            s2sl0: 1,
-            s2tg: Granule::Size4K.s2tg(),
-            s2ps: PaSize::Bits48.encoding(),
-            ..Default::default()
-        },
-        &Features::default(),
-    )
-    .unwrap();
-    let fmt1 = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
-    let mut s1 = TableBuilder::new(
-        fmt1,
-        Ipa(m),
-        BumpAllocator::new(IPA0 + 0x100_0000, 0x40_0000),
-    )
-    .unwrap();
-    let data_ipa = IPA0 + 0x80_0000;
-    let attrs = S1LeafAttrs {
-        not_global: true,
-        ..S1LeafAttrs::rw()
-    };
-    s1.map(0x10_0000, data_ipa, 0x4000, attrs.bits()).unwrap();
-    let s1cfg = Stage1Config::new(
+/// A 4K-granule, 48-bit stage 1 with TTB0 at `ttb` (TTB1 disabled).
+fn s1_config(ttb: u64) -> Stage1Config {
+    Stage1Config::new(
         &Stage1Params {
             ttb: [
                 TtbParams {
-                    ttb: s1.root(),
+                    ttb,
                     tsz: 16,
                     tg: Granule::Size4K.tg0(),
                     ..Default::default()
@@ -383,7 +384,49 @@ fn guest_tables(m: &SparseMem) -> (Stage2Config, Stage1Config, u64) {
         },
         &Features::default(),
     )
+    .unwrap()
+}
+
+/// A 4K-granule stage 2 of 40-bit IPAs from level 1, tables at `root`.
+fn s2_config(root: u64) -> Stage2Config {
+    Stage2Config::new(
+        &Stage2Params {
+            s2ttb: root,
+            s2t0sz: 24,
+            s2sl0: 1,
+            s2tg: Granule::Size4K.s2tg(),
+            s2ps: PaSize::Bits48.encoding(),
+            ..Default::default()
+        },
+        &Features::default(),
+    )
+    .unwrap()
+}
+
+/// A stage 2 mapping IPA0.. → RAM (40-bit IPA, 4K, start level 1) and a guest stage 1 in
+/// guest memory mapping VA 0x10_0000 (4 pages) to IPA0 + 0x80_0000.
+fn guest_tables(m: &SparseMem) -> (Stage2Config, Stage1Config, u64) {
+    let walk = WalkMem(m);
+    let fmt = TableFormat::stage2(Granule::Size4K, 40, 1, PaSize::Bits48).unwrap();
+    let mut s2 =
+        TableBuilder::new(fmt, &walk, BumpAllocator::new(RAM + 0xf00_0000, 0x40_0000)).unwrap();
+    s2.map(IPA0, RAM, 0x200_0000, S2LeafAttrs::rw().bits())
+        .unwrap();
+    let s2cfg = s2_config(s2.root());
+    let fmt1 = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
+    let mut s1 = TableBuilder::new(
+        fmt1,
+        Ipa(m),
+        BumpAllocator::new(IPA0 + 0x100_0000, 0x40_0000),
+    )
     .unwrap();
+    let data_ipa = IPA0 + 0x80_0000;
+    let attrs = S1LeafAttrs {
+        not_global: true,
+        ..S1LeafAttrs::rw()
+    };
+    s1.map(0x10_0000, data_ipa, 0x4000, attrs.bits()).unwrap();
+    let s1cfg = s1_config(s1.root());
     (s2cfg, s1cfg, data_ipa - IPA0 + RAM)
 }
 
@@ -479,26 +522,7 @@ fn s1_phys(m: &SparseMem) -> Stage1Config {
     };
     b.map(0x20_0000, RAM + 0x40_0000, 0x1000, attrs.bits())
         .unwrap();
-    Stage1Config::new(
-        &Stage1Params {
-            ttb: [
-                TtbParams {
-                    ttb: b.root(),
-                    tsz: 16,
-                    tg: Granule::Size4K.tg0(),
-                    ..Default::default()
-                },
-                TtbParams {
-                    epd: true,
-                    ..Default::default()
-                },
-            ],
-            ips: PaSize::Bits48.encoding(),
-            ..Default::default()
-        },
-        &Features::default(),
-    )
-    .unwrap()
+    s1_config(b.root())
 }
 
 #[test]
@@ -542,4 +566,79 @@ fn permissions_are_checked_on_hits_too() {
         );
     }
     assert_eq!(pe.stats().tlb_hits, 2, "the write faults were TLB hits");
+}
+
+/// A stage-1 Permission fault is found on the final stage-1 descriptor, before stage 2
+/// translates the output IPA, so it is the fault reported when that IPA would also fault
+/// at stage 2 (DDI0487 fault prioritisation, as IHI0070 7.3.22 for the SMMU): on a walk
+/// (output IPA unmapped at stage 2) and on a hit of a combined entry (stage 2 read-only).
+#[test]
+fn stage1_permission_fault_comes_before_stage2_of_the_output() {
+    let m = mem();
+    let walk = WalkMem(&*m);
+    let fmt = TableFormat::stage2(Granule::Size4K, 40, 1, PaSize::Bits48).unwrap();
+    let mut s2 =
+        TableBuilder::new(fmt, &walk, BumpAllocator::new(RAM + 0xf00_0000, 0x40_0000)).unwrap();
+    s2.map(IPA0, RAM, 0x200_0000, S2LeafAttrs::rw().bits())
+        .unwrap();
+    let s2_ro = S2LeafAttrs {
+        write: false,
+        ..S2LeafAttrs::rw()
+    };
+    s2.map(IPA0 + 0x200_0000, RAM + 0x300_0000, 0x1000, s2_ro.bits())
+        .unwrap();
+    let s2cfg = s2_config(s2.root());
+    let fmt1 = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
+    let mut s1 = TableBuilder::new(
+        fmt1,
+        Ipa(&m),
+        BumpAllocator::new(IPA0 + 0x100_0000, 0x40_0000),
+    )
+    .unwrap();
+    let s1_ro = S1LeafAttrs {
+        not_global: true,
+        read_only: true,
+        ..S1LeafAttrs::rw()
+    };
+    // VA 0x10_0000 → an IPA stage 2 does not map; VA 0x10_1000 → the read-only IPA page.
+    s1.map(0x10_0000, IPA0 + 0x400_0000, 0x1000, s1_ro.bits())
+        .unwrap();
+    s1.map(0x10_1000, IPA0 + 0x200_0000, 0x1000, s1_ro.bits())
+        .unwrap();
+    let s1cfg = s1_config(s1.root());
+    let dvm = Dvm::new(DvmConfig::new(1), m.clone());
+    let pe = &dvm.pes()[0];
+    pe.set_context(PeContext::guest(2, Some(s2cfg)).with_stage1(Some(s1cfg), 1));
+    let rd = Access::new(AccessKind::Read, true);
+    let wr = Access::new(AccessKind::Write, true);
+
+    // A read: stage 1 grants it; stage 2 of the output IPA faults.
+    let f = pe.translate(0x10_0010, rd).unwrap_err();
+    assert_eq!(
+        (f.fault.kind, f.fault.stage, f.ipa),
+        (
+            FaultKind::Translation,
+            Stage::Stage2,
+            Some(IPA0 + 0x400_0010)
+        )
+    );
+    // A write, on a walk: the stage-1 Permission fault, and no stage-2 walk of the output.
+    let before = pe.stats();
+    let f = pe.translate(0x10_0010, wr).unwrap_err();
+    let after = pe.stats();
+    assert_eq!(
+        (f.fault.kind, f.fault.stage, f.ipa),
+        (FaultKind::Permission, Stage::Stage1, None)
+    );
+    assert_eq!(after.walks_s1 - before.walks_s1, 1);
+    assert_eq!(after.walks_s2, before.walks_s2, "output IPA not walked");
+
+    // A write, on a hit of the combined entry whose stage 2 is read-only too: stage 1.
+    assert!(pe.translate(0x10_1010, rd).is_ok());
+    let f = pe.translate(0x10_1010, wr).unwrap_err();
+    assert_eq!(
+        (f.fault.kind, f.fault.stage, f.ipa),
+        (FaultKind::Permission, Stage::Stage1, None)
+    );
+    assert!(pe.translate(0x10_1010, rd).unwrap().tlb_hit);
 }

@@ -321,3 +321,109 @@ fn entries_hit_through_the_lock_free_path_get_their_clock_second_chance() {
         "page 1 had been evicted"
     );
 }
+
+/// The lock-free lookup array gives up entries the store keeps when a set is full (dead
+/// slots of contexts dropped whole fill sets over time). The slow path skips the store
+/// when the array answers for a whole context; once a context has lost an entry that way
+/// its misses go to the store again, so a cached translation is still a TLB hit, not a
+/// second walk.
+#[test]
+fn entries_the_lookup_array_gave_up_still_hit_in_the_store() {
+    let mut m = Machine::new(SmmuConfig {
+        tlb_capacity: 64,
+        ..SmmuConfig::default()
+    });
+    let mem = m.mem.clone();
+    let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
+    b.map(0x10_0000, DATA, 64 * 0x1000, urw()).unwrap();
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, b.root(), 1));
+    m.set_ste(1, &s1_ste(CDS, 0, 1));
+    let t = |p: u64| {
+        let o = m.smmu.translate(Transaction::new(
+            1,
+            None,
+            0x10_0000 + p * 0x1000,
+            AccessKind::Read,
+            false,
+        ));
+        assert_eq!(
+            o,
+            Outcome::Translated {
+                pa: DATA + p * 0x1000
+            }
+        );
+    };
+    // Rounds of 64 (global) entries, each dropped whole by VMID: the array (128 slots) fills with
+    // the dead slots of retired contexts, and the third round's inserts give up live
+    // entries as well as dead ones (with this hash, one).
+    for _ in 0..2 {
+        for p in 0..64 {
+            t(p);
+        }
+        m.submit(&[
+            twinmmu_hw::cmd::build::tlbi_nh_all(1),
+            twinmmu_hw::cmd::build::sync(),
+        ]);
+        assert_eq!(m.smmu.stats().tlb_entries, 0);
+    }
+    for p in 0..64 {
+        t(p);
+    }
+    let before = m.smmu.stats();
+    assert_eq!(before.tlb_entries, 64);
+    for _ in 0..2 {
+        for p in 0..64 {
+            t(p);
+        }
+    }
+    let after = m.smmu.stats();
+    assert_eq!(after.walks_s1, before.walks_s1, "every page still cached");
+    assert_eq!(after.tlb_hits - before.tlb_hits, 128);
+}
+
+/// An entry hot only in a micro-TLB (every access a `DmaPort` hit, none reaching the main
+/// TLB) still gets CLOCK's second chance in the main TLB: the port marks it referenced
+/// every few hits, without writing a shared line on each.
+#[test]
+fn entries_hot_in_a_micro_tlb_get_their_clock_second_chance() {
+    let mut m = Machine::new(SmmuConfig {
+        tlb_capacity: 8,
+        ..SmmuConfig::default()
+    });
+    let mem = m.mem.clone();
+    let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
+    b.map(0x10_0000, DATA, 16 * 0x1000, urw()).unwrap();
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, b.root(), 1));
+    m.set_ste(1, &s1_ste(CDS, 0, 1));
+    let txn = |p: u64| Transaction::new(1, None, 0x10_0000 + p * 0x1000, AccessKind::Read, false);
+    let mut port = m.smmu.port();
+    for p in 0..8 {
+        assert!(matches!(port.translate(txn(p)), Outcome::Translated { .. }));
+    }
+    // Page 0 is hot in the micro-TLB only.
+    let before = m.smmu.stats();
+    for _ in 0..300 {
+        assert_eq!(port.translate(txn(0)), Outcome::Translated { pa: DATA });
+    }
+    let after = m.smmu.stats();
+    assert_eq!(after.utlb_hits - before.utlb_hits, 300);
+    assert_eq!(after.tlb_hits, before.tlb_hits, "no main-TLB hit counted");
+    // A new page through the SMMU: CLOCK, its hand at page 0, spares it and evicts page 1.
+    assert!(matches!(
+        m.smmu.translate(txn(8)),
+        Outcome::Translated { .. }
+    ));
+    assert_eq!(m.smmu.stats().tlb_entries, 8);
+    let walks = m.smmu.stats().walks_s1;
+    assert_eq!(m.smmu.translate(txn(0)), Outcome::Translated { pa: DATA });
+    assert_eq!(m.smmu.stats().walks_s1, walks, "page 0 was still cached");
+    assert!(matches!(
+        m.smmu.translate(txn(1)),
+        Outcome::Translated { .. }
+    ));
+    assert_eq!(
+        m.smmu.stats().walks_s1,
+        walks + 1,
+        "page 1 had been evicted"
+    );
+}

@@ -382,3 +382,46 @@ fn loads_program_the_allocated_vmid_and_puts_restore_the_host() {
     assert_eq!(local(0), n + 1);
     pin.unpin(|_| Ok::<(), ()>(())).unwrap();
 }
+
+/// Once a vCPU is put, its CPU runs the VHE host (EL2&0). The host's `TLBI VAAE1IS` is the
+/// EL2&0 "by VA, all ASIDs" operation (VAAE2IS on the DVM, CMD_TLBI_EL2_VAA on an SMMU):
+/// it removes every ASID's entry at the address on every PE and nothing else — not every
+/// EL2&0 entry, as an ALLE2IS stand-in would.
+#[test]
+fn a_vhe_hosts_vaae1is_removes_only_that_address() {
+    use twinmmu_hw::tlb::{Ctx, EntryPerms, TlbEntry, World};
+    let h = Host::new(2, VmidBits::Sixteen, SmmuConfig::default());
+    let a = Guest::new(&h.kvm, 5);
+    let mut vcpu = a.vm.create_vcpu();
+    vcpu.load(1).unwrap();
+    vcpu.put().unwrap();
+    assert_eq!(h.dvm.pes()[1].context().regime, Regime::El2E2h);
+    const HVA: u64 = 0x7f00_0000_0000;
+    let host_entry = |asid: u16, va: u64| TlbEntry {
+        ctx: Ctx::new(World::El2E2h, Kind::S1, 0, Some(asid), false),
+        in_base: va,
+        shift: 12,
+        out_base: RAM,
+        ipa_base: RAM,
+        tg_shift: 12,
+        perms: EntryPerms::default(),
+    };
+    for pe in h.dvm.pes() {
+        for (asid, va) in [(1, HVA), (2, HVA), (1, HVA + 0x10_0000)] {
+            pe.tlb_insert(host_entry(asid, va));
+        }
+    }
+    let t = h
+        .dvm
+        .tlbi(1, TlbiInsn::new(TlbiOp::Vaae1is).with_addr(HVA + 0x80))
+        .unwrap();
+    assert_eq!(t.op, TlbiOp::Vaae2is);
+    let r = h.dvm.dsb(1).unwrap();
+    assert_eq!(r.pe_removed, 4, "both ASIDs' entries at HVA, on both PEs");
+    for pe in h.dvm.pes() {
+        assert_eq!(pe.tlb_entries(), vec![host_entry(1, HVA + 0x10_0000)]);
+    }
+    let ops = h.dvm.stats().by_op;
+    assert!(ops.contains(&(TlbiOp::Vaae2is, 1)), "{ops:?}");
+    assert!(!ops.iter().any(|(op, _)| *op == TlbiOp::Alle2is), "{ops:?}");
+}

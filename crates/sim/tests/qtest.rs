@@ -139,18 +139,15 @@ fn config_file_moves_the_map() {
     assert!(a[3].starts_with("ERR"), "old RAM base is not memory");
 }
 
-/// `tlbi` with the EL2 operations against an EL2-E2H stream (STRW = EL2, CR2.E2H = 1, CD
-/// ASID 5, a non-global page): the ASID operand selects (IHI0070 3.17.5).
-#[test]
-fn el2_broadcasts_from_qtest_scope_by_asid_under_e2h() {
+/// The example's setup, up to (not including) its DMA, as an EL2-E2H stream: a non-global
+/// page (nG, bit 11), CD.ASID = 5, STE.STRW = EL2; and CR2.E2H = 1 before SMMUEN.
+fn e2h_setup() -> String {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/qtest-s1-dma.qtest"
     );
     let example = std::fs::read_to_string(path).unwrap();
-    // The example's setup, up to (not including) its DMA, with three changes: a non-global
-    // page (nG, bit 11), CD.ASID = 5, STE.STRW = EL2; and CR2.E2H = 1 before SMMUEN.
-    let setup: String = example
+    example
         .lines()
         .take_while(|l| !l.starts_with("# Translate"))
         .map(|l| match l {
@@ -163,7 +160,29 @@ fn el2_broadcasts_from_qtest_scope_by_asid_under_e2h() {
             l => l.to_owned(),
         })
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+/// The `tlb_entries` of every `stats` answer.
+fn tlb_entries(answers: &[String]) -> Vec<u64> {
+    answers
+        .iter()
+        .filter(|a| a.starts_with("OK translations="))
+        .map(|a| {
+            let v = a
+                .split(' ')
+                .find_map(|kv| kv.strip_prefix("tlb_entries="))
+                .unwrap();
+            v.parse().unwrap()
+        })
+        .collect()
+}
+
+/// `tlbi` with the EL2 operations against an EL2-E2H stream (STRW = EL2, CR2.E2H = 1, CD
+/// ASID 5, a non-global page): the ASID operand selects (IHI0070 3.17.5).
+#[test]
+fn el2_broadcasts_from_qtest_scope_by_asid_under_e2h() {
+    let setup = e2h_setup();
     let script = format!(
         "{setup}
 dma 1 - 0x80001234 r
@@ -187,17 +206,7 @@ stats
     );
     let answers = run(&script, None);
     assert!(answers.iter().all(|a| a.starts_with("OK")), "{answers:?}");
-    let entries: Vec<u64> = answers
-        .iter()
-        .filter(|a| a.starts_with("OK translations="))
-        .map(|a| {
-            let v = a
-                .split(' ')
-                .find_map(|kv| kv.strip_prefix("tlb_entries="))
-                .unwrap();
-            v.parse().unwrap()
-        })
-        .collect();
+    let entries = tlb_entries(&answers);
     // Cached; another ASID leaves it; its ASID (any VMID operand) removes it; the range
     // form removes it; ASIDE2IS of another ASID leaves it, of its ASID removes it; ALLE2IS.
     assert_eq!(entries, vec![1, 1, 0, 0, 1, 0, 0]);
@@ -206,4 +215,44 @@ stats
         .filter(|a| a.starts_with("OK 0x0000000040100234"))
         .collect();
     assert_eq!(dmas.len(), 4, "{answers:?}");
+}
+
+/// A VHE host's by-VA-all-ASIDs TLBIs (`VAAE2IS`, `VAALE2IS`, `RVAAE2IS`, `RVAALE2IS`)
+/// reach the SMMU as CMD_TLBI_EL2_VAA: the EL2-E2H entry at the address goes whatever its
+/// ASID, an entry elsewhere stays.
+#[test]
+fn vaae2is_from_qtest_removes_every_asid_at_the_address() {
+    let setup = e2h_setup();
+    let script = format!(
+        "{setup}
+dma 1 - 0x80001234 r
+tlbi VAAE2IS addr=0x80005000
+stats
+tlbi VAAE2IS addr=0x80001000
+stats
+dma 1 - 0x80001234 r
+tlbi vaale2is addr=0x80001000
+stats
+dma 1 - 0x80001234 r
+tlbi RVAAE2IS addr=0x80000000 num=3 scale=0 tg=1
+stats
+dma 1 - 0x80001234 r
+tlbi RVAALE2IS addr=0x80000000 num=3 scale=0 tg=1
+stats
+tlbi VAAE2IS
+"
+    );
+    let answers = run(&script, None);
+    assert!(
+        answers[..answers.len() - 1]
+            .iter()
+            .all(|a| a.starts_with("OK")),
+        "{answers:?}"
+    );
+    assert_eq!(tlb_entries(&answers), vec![1, 0, 0, 0, 0]);
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some("OK"),
+        "addr defaults to 0"
+    );
 }

@@ -157,7 +157,7 @@ pub struct TableFormat {
     pub geometry: Geometry,
     /// Output addresses must fit in this many bits.
     pub oa_bits: u8,
-    /// The implementation has 52-bit PAs (64K descriptors use bits [15:12] for OA[51:48] and
+    /// The implementation has 52-bit PAs (64K descriptors use bits \[15:12\] for OA\[51:48\] and
     /// 64K level-1 blocks exist).
     pub pa52: bool,
 }

@@ -23,7 +23,7 @@ pub struct Features {
     pub stt: bool,
     /// SMMU_IDR3.HAD: CD.HAD0/1 are honoured.
     pub had: bool,
-    /// SMMU_IDR3.XNX: stage-2 XN[0] (bit 53) is honoured.
+    /// SMMU_IDR3.XNX: stage-2 XN\[0\] (bit 53) is honoured.
     pub xnx: bool,
     /// SMMU_IDR0.HTTU ≥ 1 (HA) and = 2 (HD).
     pub httu_ha: bool,
@@ -61,7 +61,7 @@ impl Features {
         }
     }
 
-    /// The implementation has 52-bit PAs: 64K descriptors carry OA[51:48] in bits [15:12] and
+    /// The implementation has 52-bit PAs: 64K descriptors carry OA\[51:48\] in bits \[15:12\] and
     /// 64K level-1 blocks exist (DDI0487, FEAT_LPA).
     pub fn pa52(&self) -> bool {
         self.oas == PaSize::Bits52

@@ -10,16 +10,16 @@ pub const VALID: u64 = 1 << 0;
 pub const TABLE_OR_PAGE: u64 = 1 << 1;
 
 // ---- Stage-1 block/page (lower and upper attributes) ----
-/// AttrIndx[2:0], bits [4:2]: index into MAIR.
+/// AttrIndx\[2:0\], bits \[4:2\]: index into MAIR.
 pub const S1_ATTR_INDX_SHIFT: u32 = 2;
 pub const S1_ATTR_INDX_MASK: u64 = 0b111 << S1_ATTR_INDX_SHIFT;
 /// NS, bit 5.
 pub const S1_NS: u64 = 1 << 5;
-/// AP[1], bit 6: unprivileged (EL0) access allowed.
+/// AP\[1\], bit 6: unprivileged (EL0) access allowed.
 pub const S1_AP_EL0: u64 = 1 << 6;
-/// AP[2], bit 7: read-only.
+/// AP\[2\], bit 7: read-only.
 pub const S1_AP_RO: u64 = 1 << 7;
-/// SH[1:0], bits [9:8] (both stages).
+/// SH\[1:0\], bits \[9:8\] (both stages).
 pub const SH_SHIFT: u32 = 8;
 pub const SH_MASK: u64 = 0b11 << SH_SHIFT;
 /// AF, bit 10 (both stages).
@@ -38,10 +38,10 @@ pub const CONTIGUOUS: u64 = 1 << 52;
 pub const S1_PXN: u64 = 1 << 53;
 /// UXN (XN), bit 54.
 pub const S1_UXN: u64 = 1 << 54;
-/// Software-defined bits [58:55] (both stages).
+/// Software-defined bits \[58:55\] (both stages).
 pub const SW_SHIFT: u32 = 55;
 pub const SW_MASK: u64 = 0xF << SW_SHIFT;
-/// PBHA bits [62:59] of stage-1 leaf descriptors.
+/// PBHA bits \[62:59\] of stage-1 leaf descriptors.
 pub const PBHA_SHIFT: u32 = 59;
 pub const PBHA_MASK: u64 = 0xF << PBHA_SHIFT;
 
@@ -50,32 +50,32 @@ pub const PBHA_MASK: u64 = 0xF << PBHA_SHIFT;
 pub const TABLE_PXN: u64 = 1 << 59;
 /// UXNTable (XNTable), bit 60.
 pub const TABLE_UXN: u64 = 1 << 60;
-/// APTable[0], bit 61: no unprivileged access below.
+/// APTable\[0\], bit 61: no unprivileged access below.
 pub const TABLE_AP_NO_EL0: u64 = 1 << 61;
-/// APTable[1], bit 62: no write access below.
+/// APTable\[1\], bit 62: no write access below.
 pub const TABLE_AP_RO: u64 = 1 << 62;
 /// NSTable, bit 63.
 pub const TABLE_NS: u64 = 1 << 63;
 
 // ---- Stage-2 block/page ----
-/// MemAttr[3:0], bits [5:2].
+/// MemAttr\[3:0\], bits \[5:2\].
 pub const S2_MEMATTR_SHIFT: u32 = 2;
 pub const S2_MEMATTR_MASK: u64 = 0xF << S2_MEMATTR_SHIFT;
-/// S2AP[0], bit 6: read allowed.
+/// S2AP\[0\], bit 6: read allowed.
 pub const S2_AP_READ: u64 = 1 << 6;
-/// S2AP[1], bit 7: write allowed.
+/// S2AP\[1\], bit 7: write allowed.
 pub const S2_AP_WRITE: u64 = 1 << 7;
-/// XN[1:0], bits [54:53] (FEAT_XNX; without it only bit 54 counts).
+/// XN\[1:0\], bits \[54:53\] (FEAT_XNX; without it only bit 54 counts).
 pub const S2_XN_SHIFT: u32 = 53;
 pub const S2_XN_MASK: u64 = 0b11 << S2_XN_SHIFT;
 
-/// Output/next-table address bits [47:12] before granule alignment.
+/// Output/next-table address bits \[47:12\] before granule alignment.
 pub const OA_MASK_48: u64 = 0x0000_FFFF_FFFF_F000;
-/// With a 64K granule and 52-bit PAs, descriptor bits [15:12] hold OA[51:48].
+/// With a 64K granule and 52-bit PAs, descriptor bits \[15:12\] hold OA\[51:48\].
 pub const OA_HI_64K_SHIFT: u32 = 12;
 pub const OA_HI_64K_MASK: u64 = 0xF << OA_HI_64K_SHIFT;
 
-/// What bits[1:0] of a descriptor mean at a given level.
+/// What bits\[1:0\] of a descriptor mean at a given level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DescriptorKind {
     /// Bit 0 clear: Translation fault.
@@ -97,7 +97,7 @@ pub struct Descriptor(pub u64);
 impl Descriptor {
     pub const INVALID: Descriptor = Descriptor(0);
 
-    /// Decodes bits[1:0] at `level` (smmu_kvm.md §4.12).
+    /// Decodes bits\[1:0\] at `level` (smmu_kvm.md §4.12).
     #[inline(always)]
     pub const fn kind(self, granule: Granule, level: u8, pa52: bool) -> DescriptorKind {
         if self.0 & VALID == 0 {
@@ -115,8 +115,8 @@ impl Descriptor {
         }
     }
 
-    /// The address field aligned to the granule: bits [47:G], plus OA[51:48] from bits
-    /// [15:12] for a 64K granule when `pa52` (the implementation has 52-bit PAs).
+    /// The address field aligned to the granule: bits \[47:G\], plus OA\[51:48\] from bits
+    /// \[15:12\] for a 64K granule when `pa52` (the implementation has 52-bit PAs).
     #[inline(always)]
     pub const fn address(self, granule: Granule, pa52: bool) -> u64 {
         let mut a = self.0 & OA_MASK_48 & !(granule.size() - 1);
@@ -258,13 +258,13 @@ pub const LEAF_ATTR_MASK: u64 = !(VALID | TABLE_OR_PAGE | OA_MASK_48);
 /// Stage-1 leaf attributes, for building descriptors (the walker decodes the same bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct S1LeafAttrs {
-    /// AttrIndx[2:0]: the MAIR byte to use.
+    /// AttrIndx\[2:0\]: the MAIR byte to use.
     pub attr_index: u8,
-    /// SH[1:0]: 0 non-shareable, 2 outer, 3 inner.
+    /// SH\[1:0\]: 0 non-shareable, 2 outer, 3 inner.
     pub sh: u8,
-    /// AP[2]: read-only.
+    /// AP\[2\]: read-only.
     pub read_only: bool,
-    /// AP[1]: unprivileged access allowed.
+    /// AP\[1\]: unprivileged access allowed.
     pub el0: bool,
     pub pxn: bool,
     pub uxn: bool,
@@ -275,7 +275,7 @@ pub struct S1LeafAttrs {
     pub ns: bool,
     pub dbm: bool,
     pub contiguous: bool,
-    /// Software bits [58:55].
+    /// Software bits \[58:55\].
     pub sw: u8,
 }
 
@@ -317,14 +317,14 @@ impl S1LeafAttrs {
 /// Stage-2 leaf attributes, for building descriptors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct S2LeafAttrs {
-    /// MemAttr[3:0] (0b1111 = Normal write-back inner and outer).
+    /// MemAttr\[3:0\] (0b1111 = Normal write-back inner and outer).
     pub mem_attr: u8,
     pub sh: u8,
-    /// S2AP[0].
+    /// S2AP\[0\].
     pub read: bool,
-    /// S2AP[1].
+    /// S2AP\[1\].
     pub write: bool,
-    /// XN[1:0] (bits 54:53).
+    /// XN\[1:0\] (bits 54:53).
     pub xn: u8,
     pub af: bool,
     pub dbm: bool,

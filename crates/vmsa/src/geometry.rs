@@ -56,7 +56,7 @@ impl Granule {
         }
     }
 
-    /// Whether a block descriptor (bits[1:0] = 0b01) is architecturally a block at `level`.
+    /// Whether a block descriptor (bits\[1:0\] = 0b01) is architecturally a block at `level`.
     /// 4K: L1, L2; 16K: L2; 64K: L2, and L1 when the implementation has 52-bit PAs
     /// (DDI0487 AArch64.BlockDescSupported; smmu_kvm.md §4.12). L0 for 4K and L1 for 16K need
     /// FEAT_LPA2 (DS = 1), which is not modelled. Anywhere else 0b01 is reserved.

@@ -34,7 +34,7 @@ pub struct S1Controls {
 }
 
 /// Stage-1 permissions of one translation, hierarchical attributes folded in:
-/// read-only = AP[2] | APTable[1]; EL0 = AP[1] & !APTable[0]; PXN = PXN | PXNTable;
+/// read-only = AP\[2\] | APTable\[1\]; EL0 = AP\[1\] & !APTable\[0\]; PXN = PXN | PXNTable;
 /// UXN = UXN | UXNTable (DDI0487 D8.4; the table bits are ignored under HADx).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct S1Perms(u8);
@@ -105,7 +105,7 @@ impl TableRestrictions {
 }
 
 /// Stage-2 permissions of one translation: S2AP read/write and the execute-never decision
-/// for each privilege, decoded from XN[1:0] at walk time (FEAT_XNX when the implementation
+/// for each privilege, decoded from XN\[1:0\] at walk time (FEAT_XNX when the implementation
 /// has it; otherwise only bit 54 counts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct S2Perms(u8);
@@ -125,8 +125,8 @@ impl S2Perms {
         )
     }
 
-    /// DDI0487 D8.4 stage 2 XN[1:0] with FEAT_XNX: 00 executable at EL1 and EL0; 01 not at
-    /// EL1; 10 at neither; 11 not at EL0. Without XNX, XN[1] alone means execute-never.
+    /// DDI0487 D8.4 stage 2 XN\[1:0\] with FEAT_XNX: 00 executable at EL1 and EL0; 01 not at
+    /// EL1; 10 at neither; 11 not at EL0. Without XNX, XN\[1\] alone means execute-never.
     #[inline(always)]
     pub const fn from_leaf(d: Descriptor, xnx: bool) -> Self {
         let xn = d.s2_xn();
@@ -177,8 +177,8 @@ pub enum PermissionDenied {
 
 /// Stage-1 direct permission check (DDI0487 D8.4, AArch64.S1DirectBasePermissions for the
 /// EL1&0 regime): privileged read always; privileged write unless read-only; unprivileged
-/// read/write only with AP[1] (write also needs !AP[2]); privileged execute unless PXN or
-/// EL0-writable; unprivileged execute unless UXN (independent of AP[1]); WXN makes every
+/// read/write only with AP\[1\] (write also needs !AP\[2\]); privileged execute unless PXN or
+/// EL0-writable; unprivileged execute unless UXN (independent of AP\[1\]); WXN makes every
 /// writable page execute-never at the privilege that can write it; PAN denies privileged
 /// data accesses to pages unprivileged code may access.
 #[inline]

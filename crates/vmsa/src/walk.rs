@@ -112,11 +112,11 @@ where
 /// Stage-1 memory attributes of a leaf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct S1MemAttrs {
-    /// AttrIndx[2:0].
+    /// AttrIndx\[2:0\].
     pub attr_index: u8,
     /// The MAIR byte AttrIndx selects (CD.MAIR).
     pub mair_attr: u8,
-    /// SH[1:0].
+    /// SH\[1:0\].
     pub sh: u8,
     pub ns: bool,
 }
@@ -124,15 +124,15 @@ pub struct S1MemAttrs {
 /// Stage-2 memory attributes of a leaf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct S2MemAttrs {
-    /// MemAttr[3:0].
+    /// MemAttr\[3:0\].
     pub mem_attr: u8,
-    /// SH[1:0].
+    /// SH\[1:0\].
     pub sh: u8,
 }
 
 impl S2MemAttrs {
-    /// Whether stage 2 maps Device memory. Without FEAT_S2FWB, MemAttr[3:2] = 0b00 is
-    /// Device (MemAttr[1:0] the nGnRnE..GRE kind) and anything else Normal (DDI0487 D8.5.5,
+    /// Whether stage 2 maps Device memory. Without FEAT_S2FWB, MemAttr\[3:2\] = 0b00 is
+    /// Device (MemAttr\[1:0\] the nGnRnE..GRE kind) and anything else Normal (DDI0487 D8.5.5,
     /// stage 2 MemAttr). This is what STE.S2PTW checks a stage-1 walk against (IHI0070
     /// 5.2).
     pub const fn is_device(&self) -> bool {
@@ -140,7 +140,7 @@ impl S2MemAttrs {
     }
 
     /// [`S2MemAttrs::is_device`] under FEAT_S2FWB (HCR_EL2.FWB / STE.S2FWB = 1), where
-    /// MemAttr[2] = 0 is Device and MemAttr[2] = 1 forces a Normal type.
+    /// MemAttr\[2\] = 0 is Device and MemAttr\[2\] = 1 forces a Normal type.
     pub const fn is_device_fwb(&self) -> bool {
         self.mem_attr & 0b0100 == 0
     }
@@ -311,8 +311,8 @@ fn walk_tables<M: Memory + ?Sized, H: TableHook>(
     }
 }
 
-/// Selects TTB0/TTB1 for `va`: VA[55] picks the region; the bits from the top (63, or 55
-/// with TBI) down to the region's input size must all equal VA[55] (IHI0070 3.4.1).
+/// Selects TTB0/TTB1 for `va`: VA\[55\] picks the region; the bits from the top (63, or 55
+/// with TBI) down to the region's input size must all equal VA\[55\] (IHI0070 3.4.1).
 #[inline(always)]
 pub fn select_ttb(cfg: &Stage1Config, va: u64) -> Result<(Ttb, &S1Region), Fault> {
     let upper = (va >> 55) & 1 == 1;
