@@ -143,6 +143,30 @@ fn build_err(e: BuildError) -> Errno {
     }
 }
 
+/// Maps through a domain's table builder (ENODEV once the domain is being freed).
+fn builder_map(
+    b: &Mutex<Option<Builder>>,
+    iova: u64,
+    pa: u64,
+    len: u64,
+    attrs: u64,
+) -> Result<(), Errno> {
+    let mut b = b.lock();
+    let b = b.as_mut().ok_or(Errno::ENODEV)?;
+    b.map(iova, pa, len, attrs).map(|_| ()).map_err(build_err)
+}
+
+/// Unmaps through a domain's table builder; the descriptor changes to invalidate, also the
+/// partial ones of an unmap that ran out of table memory part-way. `None`: nothing changed.
+fn builder_unmap(b: &Mutex<Option<Builder>>, iova: u64, len: u64) -> Option<Changes> {
+    let mut b = b.lock();
+    match b.as_mut()?.unmap(iova, len) {
+        Ok(c) => Some(c),
+        Err(BuildError::OutOfMemory { changes }) => Some(changes),
+        Err(_) => None,
+    }
+}
+
 /// Who uses a stage 2.
 #[derive(Debug, Default)]
 struct S2Users {
@@ -392,22 +416,12 @@ impl PagingDomain for S2Domain {
             contiguous: false,
             sw: 0,
         };
-        let mut b = self.builder.lock();
-        let b = b.as_mut().ok_or(Errno::ENODEV)?;
-        b.map(iova, pa, len, attrs.bits())
-            .map(|_| ())
-            .map_err(build_err)
+        builder_map(&self.builder, iova, pa, len, attrs.bits())
     }
 
     fn unmap(&self, iova: u64, len: u64) -> u64 {
-        let changes = {
-            let mut b = self.builder.lock();
-            let Some(b) = b.as_mut() else { return 0 };
-            match b.unmap(iova, len) {
-                Ok(c) => c,
-                Err(BuildError::OutOfMemory { changes }) => changes,
-                Err(_) => return 0,
-            }
+        let Some(changes) = builder_unmap(&self.builder, iova, len) else {
+            return 0;
         };
         self.invalidate(&changes);
         len
@@ -597,22 +611,12 @@ impl PagingDomain for S1Domain {
             af: true,
             ..S1LeafAttrs::default()
         };
-        let mut b = self.builder.lock();
-        let b = b.as_mut().ok_or(Errno::ENODEV)?;
-        b.map(iova, pa, len, attrs.bits())
-            .map(|_| ())
-            .map_err(build_err)
+        builder_map(&self.builder, iova, pa, len, attrs.bits())
     }
 
     fn unmap(&self, iova: u64, len: u64) -> u64 {
-        let changes = {
-            let mut b = self.builder.lock();
-            let Some(b) = b.as_mut() else { return 0 };
-            match b.unmap(iova, len) {
-                Ok(c) => c,
-                Err(BuildError::OutOfMemory { changes }) => changes,
-                Err(_) => return 0,
-            }
+        let Some(changes) = builder_unmap(&self.builder, iova, len) else {
+            return 0;
         };
         self.invalidate(&changes);
         len
