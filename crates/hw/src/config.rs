@@ -46,6 +46,9 @@ pub struct SmmuConfig {
     pub hyp: bool,
     /// IDR0.ATS: PCIe ATS (CMD_ATC_INV).
     pub ats: bool,
+    /// IDR0.NS1ATS: true = Split-stage ATS (STE.EATS = 0b10) is *not* implemented
+    /// (IHI0070 6.3.1, 5.2 EATS).
+    pub ns1ats: bool,
     /// IDR0.PRI: page request interface (PRI queue, CMD_PRI_RESP).
     pub pri: bool,
     /// IDR0.MSI: message-signalled interrupts (CMD_SYNC MSI, IRQ_CFG0 writes).
@@ -103,6 +106,7 @@ impl Default for SmmuConfig {
             btm: true,
             hyp: true,
             ats: false,
+            ns1ats: false,
             pri: false,
             msi: true,
             sev: true,
@@ -220,6 +224,8 @@ impl SmmuConfig {
             .with_btm(self.btm)
             .with_hyp(self.hyp)
             .with_ats(self.ats)
+            // NS1ATS is meaningful only with ATS.
+            .with_ns1ats(self.ats && self.ns1ats)
             .with_asid16(self.asid16)
             .with_msi(self.msi)
             .with_sev(self.sev)

@@ -101,6 +101,14 @@ pub(crate) struct Tcu {
     pub cfg_gen: u64,
 }
 
+impl Tcu {
+    /// The cached configuration of `sid`.
+    #[inline]
+    pub fn ste_get(&self, sid: u32) -> Option<StreamConfig> {
+        self.ste.get(&sid).copied()
+    }
+}
+
 /// A statistics counter sharded per thread: each of the first 16 threads that count owns a
 /// cache line and bumps it with a plain load and store (no read-modify-write, no line
 /// bouncing between translating threads); later threads share lines with `fetch_add`.

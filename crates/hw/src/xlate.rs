@@ -168,7 +168,7 @@ pub(crate) struct XFault {
 }
 
 impl XFault {
-    fn config(event: EventType) -> Self {
+    pub(crate) fn config(event: EventType) -> Self {
         XFault {
             event,
             s2: false,
@@ -281,14 +281,14 @@ fn event_of(kind: FaultKind) -> EventType {
 
 /// A stage-2 result, from the TLB or a walk.
 #[derive(Debug, Clone, Copy)]
-struct S2Hit {
-    pa: u64,
-    in_base: u64,
-    shift: u8,
-    out_base: u64,
-    perms: S2Perms,
-    level: u8,
-    device: bool,
+pub(crate) struct S2Hit {
+    pub pa: u64,
+    pub in_base: u64,
+    pub shift: u8,
+    pub out_base: u64,
+    pub perms: S2Perms,
+    pub level: u8,
+    pub device: bool,
 }
 
 impl S2Hit {
@@ -309,10 +309,10 @@ impl S2Hit {
 
 /// Stage-1 context of a stream after CD selection.
 #[derive(Debug, Clone, Copy)]
-struct S1Sel {
-    cd: crate::cd::CdConfig,
-    world: World,
-    stalld: bool,
+pub(crate) struct S1Sel {
+    pub cd: crate::cd::CdConfig,
+    pub world: World,
+    pub stalld: bool,
 }
 
 impl Smmu {
@@ -468,7 +468,13 @@ impl Smmu {
         // The access attributes reported are the post-override ones; they are recomputed
         // here from the transaction (the STE is cached, so this is cheap and never fails
         // differently from the translation that just ran).
-        let (pnu, ind) = self.reported_attrs(txn);
+        let (pnu, ind) = if x.event == EventType::FUut {
+            // F_UUT reports the incoming attributes, not the post-override ones (IHI0070
+            // 7.3.2).
+            (txn.privileged, txn.kind == AccessKind::Execute)
+        } else {
+            self.reported_attrs(txn)
+        };
         let mut ev = Event {
             event_type: x.event,
             sid: txn.sid,
@@ -483,6 +489,7 @@ impl Smmu {
             input_addr: txn.addr,
             ipa: x.ipa,
             fetch_addr: x.fetch_addr,
+            detail: crate::event::EventDetail::None,
         };
         let stall = x.may_stall && !matches!(self.cfg.stall_model, StallModel::TerminateOnly);
         if stall {
@@ -532,7 +539,7 @@ impl Smmu {
     }
 
     fn reported_attrs(&self, txn: &Transaction) -> (bool, bool) {
-        let ste = self.tcu.read().ste.get(&txn.sid).copied();
+        let ste = self.tcu.read().ste_get(txn.sid);
         let (privcfg, instcfg) = match ste {
             Some(StreamConfig::Translate {
                 privcfg, instcfg, ..
@@ -815,7 +822,7 @@ impl Smmu {
         // stream selects a CD, that CD.
         let (live, ste, cd0) = {
             let t = self.tcu.read();
-            let ste = t.ste.get(&txn.sid).copied();
+            let ste = t.ste_get(txn.sid);
             let cd0 = match &ste {
                 Some(StreamConfig::Translate { s1: Some(s1), .. }) => match self.select_cd(txn, s1)
                 {
@@ -997,7 +1004,7 @@ impl Smmu {
     }
 
     /// Which CD a transaction uses, or `None` for S1DSS bypass.
-    fn select_cd(&self, txn: &Transaction, s1: &S1Ctx) -> Result<Option<u32>, Fail> {
+    pub(crate) fn select_cd(&self, txn: &Transaction, s1: &S1Ctx) -> Result<Option<u32>, Fail> {
         if s1.cdmax == 0 {
             if txn.ssid.is_some() {
                 return Err(Fail::Fault(XFault::config(EventType::CBadSubstreamid)));
@@ -1025,7 +1032,7 @@ impl Smmu {
 
     /// Locates, reads and validates the STE of `sid` (IHI0070 3.3.1, 5.1, 5.2), and caches
     /// it unless a CFGI happened meanwhile.
-    fn fetch_ste(&self, live: &Live, sid: u32) -> Result<StreamConfig, Fail> {
+    pub(crate) fn fetch_ste(&self, live: &Live, sid: u32) -> Result<StreamConfig, Fail> {
         let gen0 = self.tcu.read().cfg_gen;
         inc(&self.counters.ste_fetches);
         let cfg = live.strtab_cfg;
@@ -1092,7 +1099,13 @@ impl Smmu {
     }
 
     /// A stage-2 fault of class `class` under the STE's recording and stall rules.
-    fn s2_fault(&self, s2: &S2Config, f: twinmmu_vmsa::Fault, ipa: u64, class: FaultClass) -> Fail {
+    pub(crate) fn s2_fault(
+        &self,
+        s2: &S2Config,
+        f: twinmmu_vmsa::Fault,
+        ipa: u64,
+        class: FaultClass,
+    ) -> Fail {
         let event = event_of(f.kind);
         if let FaultKind::ExternalAbort { fetch_addr } = f.kind {
             return Fail::Fault(XFault {
@@ -1118,7 +1131,7 @@ impl Smmu {
     }
 
     /// Stage 2 of `ipa` (TLB, then walk), with the permission check for `access`.
-    fn s2_translate(
+    pub(crate) fn s2_translate(
         &self,
         s2: &S2Config,
         ipa: u64,
@@ -1141,7 +1154,7 @@ impl Smmu {
     /// The stage-2 entry of `ipa` (no permission check): the TLB (and the entries `batch`
     /// holds for insertion), else a walk, whose entry goes into `batch` when there is one
     /// and into the TLB at once otherwise.
-    fn s2_entry(
+    pub(crate) fn s2_entry(
         &self,
         s2: &S2Config,
         ipa: u64,
@@ -1289,7 +1302,7 @@ impl Smmu {
     }
 
     /// Locates, reads and validates CD `idx` of the stream (IHI0070 3.3.2, 5.3, 5.4).
-    fn cd_config(
+    pub(crate) fn cd_config(
         &self,
         txn: &Transaction,
         live: &Live,
@@ -1414,31 +1427,7 @@ impl Smmu {
         probed: Option<[u64; 2]>,
     ) -> Result<(Resolved, bool), Fail> {
         let va = txn.addr;
-        // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
-        // with the canonical address, so tagged and untagged accesses share them and a TLBI
-        // by untagged VA finds them.
-        let tbi = if (va >> 55) & 1 == 1 {
-            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1)
-        } else {
-            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0)
-        };
-        let key_va = if tbi {
-            (((va << 8) as i64) >> 8) as u64
-        } else {
-            va
-        };
-        // The hit path's probe (same tag, same ids under this generation) already missed.
-        let cached = self.tlb_lookup_from(ctx, key_va, probed);
-        let entry = match cached {
-            Some(e) => {
-                inc(&self.counters.tlb_hits);
-                e
-            }
-            None => {
-                inc(&self.counters.tlb_misses);
-                self.s1_walk(va, key_va, sel, s2, ctx, access)?
-            }
-        };
+        let entry = self.s1_entry(va, sel, s2, ctx, access, probed)?;
         // Permissions: stage 1 first, then stage 2 (IHI0070 7.3.22: the final stage-1
         // descriptor's F_PERMISSION comes before any fault of the output IPA's stage 2); a
         // stage-2 permission fault on the output is CLASS = IN with the IPA. A walk has
@@ -1474,6 +1463,44 @@ impl Smmu {
             },
             entry.ctx.asid().is_none(),
         ))
+    }
+
+    /// The stage-1 (or nested combined) entry translating `va`: the main TLB, else a walk
+    /// (which inserts it). No permission check beyond the nested walk's stage-1 check for
+    /// `access` (IHI0070 7.3.22). `probed`: ids the hit path has just probed and missed.
+    pub(crate) fn s1_entry(
+        &self,
+        va: u64,
+        sel: &S1Sel,
+        s2: Option<&S2Config>,
+        ctx: Ctx,
+        access: Access,
+        probed: Option<[u64; 2]>,
+    ) -> Result<TlbEntry, Fail> {
+        // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
+        // with the canonical address, so tagged and untagged accesses share them and a TLBI
+        // by untagged VA finds them.
+        let tbi = if (va >> 55) & 1 == 1 {
+            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1)
+        } else {
+            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0)
+        };
+        let key_va = if tbi {
+            (((va << 8) as i64) >> 8) as u64
+        } else {
+            va
+        };
+        // The hit path's probe (same tag, same ids under this generation) already missed.
+        match self.tlb_lookup_from(ctx, key_va, probed) {
+            Some(e) => {
+                inc(&self.counters.tlb_hits);
+                Ok(e)
+            }
+            None => {
+                inc(&self.counters.tlb_misses);
+                self.s1_walk(va, key_va, sel, s2, ctx, access)
+            }
+        }
     }
 
     /// Walks stage 1 (and stage 2 for every table address and the output, when nested),
@@ -1704,7 +1731,7 @@ struct Slow {
 /// The TLB tag of a stage-1 (or nested) stream's entries. IHI0070 3.17: NS-EL1 entries
 /// carry the VMID and (non-global) the ASID; EL2-E2H entries the ASID only; EL2 entries
 /// neither, nor an ASET (permitted, not required).
-fn s1_tag(sel: &S1Sel, nested: bool, vmid: u16) -> Ctx {
+pub(crate) fn s1_tag(sel: &S1Sel, nested: bool, vmid: u16) -> Ctx {
     let kind = if nested { Kind::Nested } else { Kind::S1 };
     let (vm, asid, aset) = match sel.world {
         World::NsEl1 => (vmid, Some(sel.cd.asid), sel.cd.aset),
