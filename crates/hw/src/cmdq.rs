@@ -312,9 +312,10 @@ impl Smmu {
 
     fn cfgi(&self, sel: impl Fn(u32) -> bool) {
         let mut t = self.tcu.write();
-        t.ste.retain(|sid, _| !sel(*sid));
-        // CFGI_STE* also drops every CD cached through those StreamIDs (IHI0070 4.3.1).
-        t.cd.retain(|k, _| !sel(k.0));
+        // CFGI_STE* also drops every CD cached through those StreamIDs (IHI0070 4.3.1), and
+        // a contiguous-span entry covering any of them (over-invalidation is allowed:
+        // STE.CONT does not change what software must invalidate, IHI0070 5.2).
+        t.drop_stes(sel);
         t.cfg_gen += 1;
         drop(t);
         self.config_changed();

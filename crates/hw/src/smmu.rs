@@ -91,21 +91,84 @@ pub(crate) struct Live {
     pub strtab_cfg: StrtabBaseCfg,
 }
 
+/// A cached STE: what it decodes to, and a fingerprint of its 64 bytes without STE.CONT
+/// (two STEs are "identical" for STE.CONT when all their other fields are, IHI0070 5.2).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CachedSte {
+    pub cfg: StreamConfig,
+    pub fp: u64,
+}
+
 /// The configuration cache (STE by StreamID, CD by StreamID and CD index) and the live
 /// register snapshot, behind one lock.
 pub(crate) struct Tcu {
     pub live: Live,
-    pub ste: HashMap<u32, StreamConfig, FxBuildHasher>,
+    pub ste: HashMap<u32, CachedSte, FxBuildHasher>,
+    /// STEs fetched with STE.CONT = n > 0, matched by every StreamID of their span:
+    /// (n, StreamID >> n) → entry (IHI0070 5.2 CONT, 3.20.2).
+    pub ste_spans: HashMap<(u8, u32), CachedSte, FxBuildHasher>,
+    /// Bit n set while a span of 2^n StreamIDs is cached.
+    pub span_sizes: u16,
     pub cd: HashMap<(u32, u32), CdConfig, FxBuildHasher>,
     /// Bumped by every CFGI; a fetch that started under an older generation does not insert.
     pub cfg_gen: u64,
 }
 
 impl Tcu {
-    /// The cached configuration of `sid`.
+    /// The cached configuration of `sid`: its own entry, else the entry of a contiguous
+    /// span that covers it.
     #[inline]
     pub fn ste_get(&self, sid: u32) -> Option<StreamConfig> {
-        self.ste.get(&sid).copied()
+        match self.ste.get(&sid) {
+            Some(c) => Some(c.cfg),
+            None if self.span_sizes != 0 => self.span_get(sid),
+            None => None,
+        }
+    }
+
+    #[cold]
+    fn span_get(&self, sid: u32) -> Option<StreamConfig> {
+        let mut sizes = self.span_sizes;
+        while sizes != 0 {
+            let n = sizes.trailing_zeros() as u8;
+            sizes &= sizes - 1;
+            if let Some(c) = self.ste_spans.get(&(n, sid >> n)) {
+                return Some(c.cfg);
+            }
+        }
+        None
+    }
+
+    /// Entries of the configuration cache.
+    pub fn len(&self) -> usize {
+        self.ste.len() + self.ste_spans.len() + self.cd.len()
+    }
+
+    /// Whether caching an STE with fingerprint `fp` for the span of 2^`n` StreamIDs
+    /// holding `sid` would make a lookup match two non-identical entries (IHI0070 3.20.2).
+    pub fn span_conflicts(&self, sid: u32, n: u8, fp: u64) -> bool {
+        let lo = u64::from(sid >> n) << n;
+        let hi = lo + (1u64 << n);
+        let inside = |s: u64| s >= lo && s < hi;
+        self.ste
+            .iter()
+            .any(|(s, c)| inside(u64::from(*s)) && c.fp != fp)
+            || self.ste_spans.iter().any(|(&(m, b), c)| {
+                let (l, h) = (u64::from(b) << m, (u64::from(b) + 1) << m);
+                l < hi && lo < h && c.fp != fp
+            })
+    }
+
+    /// Drops every cached STE (own or span) of a StreamID `sel` selects, and the CDs
+    /// cached through them. A span goes when any of its StreamIDs is selected.
+    pub fn drop_stes(&mut self, sel: impl Fn(u32) -> bool) {
+        self.ste.retain(|sid, _| !sel(*sid));
+        self.ste_spans.retain(|&(n, b), _| {
+            let lo = u64::from(b) << n;
+            !(lo..lo + (1u64 << n)).any(|s| sel(s as u32))
+        });
+        self.span_sizes = self.ste_spans.keys().fold(0, |m, &(n, _)| m | (1 << n));
+        self.cd.retain(|k, _| !sel(k.0));
     }
 }
 
@@ -422,6 +485,8 @@ impl Smmu {
             tcu: RwLock::new(Tcu {
                 live,
                 ste: HashMap::default(),
+                ste_spans: HashMap::default(),
+                span_sizes: 0,
                 cd: HashMap::default(),
                 cfg_gen: 0,
             }),

@@ -1084,16 +1084,37 @@ impl Smmu {
                 .read_u64(a)
                 .map_err(|_| Fail::Fault(XFault::fetch(EventType::FSteFetch, a)))?;
         }
-        let sc = decode_ste(&Ste::from_dwords(d), &self.cfg)
+        let ste = Ste::from_dwords(d);
+        let sc = decode_ste(&ste, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadSte)))?;
+        let cont = ste.dw1.cont();
+        let entry = crate::smmu::CachedSte {
+            cfg: sc,
+            fp: ste_fingerprint(&d),
+        };
         let mut t = self.tcu.write();
         if t.cfg_gen == gen0 {
-            if t.ste.len() + t.cd.len() >= self.cfg.cfg_cache_capacity
-                && let Some(k) = t.ste.keys().next().copied()
-            {
-                t.ste.remove(&k);
+            // STE.CONT = n: one entry serves the aligned span of 2^n StreamIDs (IHI0070
+            // 5.2). Caching it over a non-identical entry of the span would make a lookup
+            // match both: F_CFG_CONFLICT, the transaction aborts, the new entry is not
+            // cached (IHI0070 3.20.2, 7.3.18). Detected here, on the fill, never on a hit.
+            if cont > 0 && t.span_conflicts(sid, cont, entry.fp) {
+                return Err(Fail::Fault(XFault::config(EventType::FCfgConflict)));
             }
-            t.ste.insert(sid, sc);
+            if t.len() >= self.cfg.cfg_cache_capacity {
+                if let Some(k) = t.ste.keys().next().copied() {
+                    t.ste.remove(&k);
+                } else if let Some(k) = t.ste_spans.keys().next().copied() {
+                    t.ste_spans.remove(&k);
+                    t.span_sizes = t.ste_spans.keys().fold(0, |m, &(n, _)| m | (1 << n));
+                }
+            }
+            if cont > 0 {
+                t.ste_spans.insert((cont, sid >> cont), entry);
+                t.span_sizes |= 1 << cont;
+            } else {
+                t.ste.insert(sid, entry);
+            }
         }
         Ok(sc)
     }
@@ -1198,22 +1219,27 @@ impl Smmu {
         // Under the store lock the generation is exact for the ids read there.
         let generation = self.ctx_gen.load(Ordering::Acquire);
         for e in entries {
-            // Entries hit through the array are referenced there: CLOCK asks it.
-            let ins = t.insert_with(*e, |old, id| self.hit.take_referenced(id, old));
-            // What the store evicted or replaced leaves the lookup array first.
-            for (old, id) in t.drain_removed() {
-                self.hit.remove(id, &old);
-            }
-            let dropped = if ins.replaced {
-                self.hit.insert(ins.ctx_id, e)
-            } else {
-                self.hit.insert_new(ins.ctx_id, e)
-            };
-            if self.ids.lookup_state(e.ctx, generation) != Some((ins.ctx_id, ins.lossy)) {
-                self.ids.fill(e.ctx, ins.ctx_id, ins.lossy, generation);
-            }
-            self.array_dropped(&mut t, dropped, generation);
+            self.insert_locked(&mut t, e, generation);
         }
+    }
+
+    /// One insertion under the store lock: the store, then the lookup array and id cache.
+    fn insert_locked(&self, t: &mut Tlb, e: &TlbEntry, generation: u64) {
+        // Entries hit through the array are referenced there: CLOCK asks it.
+        let ins = t.insert_with(*e, |old, id| self.hit.take_referenced(id, old));
+        // What the store evicted or replaced leaves the lookup array first.
+        for (old, id) in t.drain_removed() {
+            self.hit.remove(id, &old);
+        }
+        let dropped = if ins.replaced {
+            self.hit.insert(ins.ctx_id, e)
+        } else {
+            self.hit.insert_new(ins.ctx_id, e)
+        };
+        if self.ids.lookup_state(e.ctx, generation) != Some((ins.ctx_id, ins.lossy)) {
+            self.ids.fill(e.ctx, ins.ctx_id, ins.lossy, generation);
+        }
+        self.array_dropped(t, dropped, generation);
     }
 
     /// The lookup array gave up an entry of context incarnation `dropped` (a full set) that
@@ -1372,7 +1398,7 @@ impl Smmu {
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadCd)))?;
         let mut t = self.tcu.write();
         if t.cfg_gen == gen0 {
-            if t.ste.len() + t.cd.len() >= self.cfg.cfg_cache_capacity
+            if t.len() >= self.cfg.cfg_cache_capacity
                 && let Some(k) = t.cd.keys().next().copied()
             {
                 t.cd.remove(&k);
@@ -1519,22 +1545,57 @@ impl Smmu {
         // Read before any walk: what the walks read is inserted only if no invalidation
         // ran since.
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
-        if s2.is_none() {
-            let r = self.s1_walk_in(va, key_va, sel, None, ctx, access, &mut Batch::default());
-            if let Ok(e) = &r {
-                self.tlb_insert(*e, gen0);
-            }
-            return r;
-        }
         let mut batch = Batch::default();
         let r = self.s1_walk_in(va, key_va, sel, s2, ctx, access, &mut batch);
-        if let Ok(e) = r {
-            batch.push(self, e, gen0);
+        // The stage-2 entries of the walk and its stage-1 (or combined) entry go in
+        // together, also when a later step faulted: one acquisition of the store lock.
+        let conflict = self.tlb_insert_walk(batch.entries(), r.as_ref().ok(), ctx, gen0);
+        if conflict {
+            // IHI0070 3.20.1: the lookup would match more than one entry (tables changed
+            // without break-before-make and invalidation): the transaction aborts with
+            // F_TLB_CONFLICT and the new entry is not cached.
+            return Err(Fail::Fault(XFault::config(EventType::FTlbConflict)));
         }
-        // The stage-2 entries of the walk (and its combined entry) go in together, also
-        // when a later step faulted: one acquisition of the store lock for all of them.
-        self.tlb_insert_all(batch.entries(), gen0);
         r
+    }
+
+    /// Inserts a walk's stage-2 `entries`, then its final entry unless that conflicts
+    /// with entries already cached (returns true then); nothing if an invalidation ran
+    /// since `gen0`. Under one acquisition of the store lock.
+    fn tlb_insert_walk<'a>(
+        &self,
+        entries: impl IntoIterator<Item = &'a TlbEntry>,
+        last: Option<&TlbEntry>,
+        tag: Ctx,
+        gen0: u64,
+    ) -> bool {
+        let mut entries = entries.into_iter().peekable();
+        if entries.peek().is_none() && last.is_none() {
+            return false;
+        }
+        let mut t = self.tlb.lock();
+        if self.tlb_gen.load(Ordering::Acquire) != gen0 {
+            return false;
+        }
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        for e in entries {
+            self.insert_locked(&mut t, e, generation);
+        }
+        let Some(e) = last else {
+            return false;
+        };
+        // A lookup of an ASID-tagged context (`tag`) also matches its global twin: a new
+        // entry conflicts with entries of the other one too.
+        let twin = if e.ctx != tag {
+            Some(tag)
+        } else {
+            tag.asid().map(|_| tag.global())
+        };
+        if t.conflicts(e, twin) {
+            return true;
+        }
+        self.insert_locked(&mut t, e, generation);
+        false
     }
 
     /// [`Smmu::s1_walk`] before the insertion: the entries it makes go into `batch`.
@@ -1739,6 +1800,19 @@ pub(crate) fn s1_tag(sel: &S1Sel, nested: bool, vmid: u16) -> Ctx {
         World::El2E2h => (0, Some(sel.cd.asid), sel.cd.aset),
     };
     Ctx::new(sel.world, kind, vm, asid, aset)
+}
+
+/// A fingerprint of an STE's 64 bytes with CONT (dword 1 bits \[16:13\]) cleared: equal
+/// for STEs that are identical in the sense of STE.CONT. A collision only hides a conflict,
+/// which an implementation need not detect (IHI0070 3.20.2).
+fn ste_fingerprint(d: &[u64; 8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    for (i, w) in d.iter().enumerate() {
+        let w = if i == 1 { w & !(0xf << 13) } else { *w };
+        w.hash(&mut h);
+    }
+    h.finish()
 }
 
 fn terminated(s: &Stalled, t: Termination) -> StallResult {
