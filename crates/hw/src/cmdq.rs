@@ -127,6 +127,9 @@ impl Smmu {
                 self.config_changed();
                 self.bump_epoch();
             }
+            // PARTID_MAP is cached only with the STE, by StreamID (IHI0070 5.6.2 allows
+            // it): there is no separate cache for this command to invalidate.
+            Command::CfgiVmsPidm { .. } => {}
             Command::TlbiNhAll { vmid } => {
                 self.invalidate(InvScope {
                     worlds: NS,

@@ -293,6 +293,8 @@ pub enum StreamConfig {
         mev: bool,
         /// STE.EATS as decoded (before ATSCHK).
         eats: Eats,
+        /// STE.VMSPtr when the VMS is enabled for the stream (IHI0070 5.2 VMSPtr, 5.6).
+        vms: Option<u64>,
     },
 }
 
@@ -325,6 +327,8 @@ pub enum BadSte {
     S2Stall,
     #[error("EATS not allowed with this configuration")]
     BadEats,
+    #[error("VMSPtr beyond the output address size")]
+    VmsPtrRange,
 }
 
 /// IHI0070 5.2 / 5.2.2: validate an STE and extract what translation needs.
@@ -452,6 +456,17 @@ pub fn decode_ste(ste: &Ste, c: &SmmuConfig) -> Result<StreamConfig, BadSte> {
             _ => Eats::Disabled,
         }
     };
+    // IHI0070 5.2 VMSPtr (dword 5 bits [55:12]): enabled when the VMS is supported, Config
+    // = 0b111 and S1MPAM = 1; beyond the OAS it makes the STE ILLEGAL.
+    let vms = if c.vms_supported() && config == 0b111 && d1.s1mpam() {
+        let ptr = ste.rest[1] & 0x00ff_ffff_ffff_f000;
+        if ptr >> c.oas_bits != 0 {
+            return Err(BadSte::VmsPtrRange);
+        }
+        Some(ptr)
+    } else {
+        None
+    };
     Ok(StreamConfig::Translate {
         s1,
         s2,
@@ -460,6 +475,7 @@ pub fn decode_ste(ste: &Ste, c: &SmmuConfig) -> Result<StreamConfig, BadSte> {
         instcfg,
         mev: d1.mev(),
         eats,
+        vms,
     })
 }
 

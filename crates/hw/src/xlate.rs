@@ -1087,10 +1087,32 @@ impl Smmu {
         let ste = Ste::from_dwords(d);
         let sc = decode_ste(&ste, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadSte)))?;
+        // The VMS, when the STE enables it (IHI0070 5.6.1): its PARTID_MAP (the only
+        // defined part, bytes 0..64) is cached with the STE (5.6.2). An external abort is
+        // F_VMS_FETCH, after C_BAD_STE in priority (7.3.20, 7.3.22).
+        let partid_map = match sc {
+            StreamConfig::Translate { vms: Some(p), .. } => {
+                inc(&self.counters.vms_fetches);
+                let mut map = [0u16; 32];
+                for (i, four) in map.chunks_exact_mut(4).enumerate() {
+                    let a = p + 8 * i as u64;
+                    let w = self
+                        .mem
+                        .read_u64(a)
+                        .map_err(|_| Fail::Fault(XFault::fetch(EventType::FVmsFetch, a)))?;
+                    for (j, id) in four.iter_mut().enumerate() {
+                        *id = (w >> (16 * j)) as u16;
+                    }
+                }
+                Some(map)
+            }
+            _ => None,
+        };
         let cont = ste.dw1.cont();
         let entry = crate::smmu::CachedSte {
             cfg: sc,
             fp: ste_fingerprint(&d),
+            partid_map,
         };
         let mut t = self.tcu.write();
         if t.cfg_gen == gen0 {

@@ -14,10 +14,7 @@ use twinmmu_hw::{
     AccessKind, AtsCompletion, AtsRequest, AtsTranslation, DmaError, EventType, Outcome,
     PageRequestHint, PhysMem, SmmuConfig, Termination,
 };
-use twinmmu_vmsa::{
-    BumpAllocator, Granule, MemError, Memory, MemoryMut, PaSize, S1LeafAttrs, S2LeafAttrs,
-    TableBuilder, TableFormat,
-};
+use twinmmu_vmsa::{Granule, S1LeafAttrs};
 
 const IOVA: u64 = 0x10_0000;
 const SID: u32 = 0x31;
@@ -419,43 +416,11 @@ fn f_uut_for_translated_traffic_without_ats() {
 
 // ------------------------------------------------------------------ Split-stage ATS
 
-/// Stage-1 table memory addressed by IPA: IPA_BASE + x → RAM + x.
-struct Ipa<'a>(&'a twinmmu_hw::SparseMem);
-const IPA_BASE: u64 = 0x80_0000_0000;
-impl Memory for Ipa<'_> {
-    fn read_u64(&self, ipa: u64) -> Result<u64, MemError> {
-        Memory::read_u64(self.0, ipa - IPA_BASE + RAM)
-    }
-}
-impl MemoryMut for Ipa<'_> {
-    fn write_u64(&self, ipa: u64, v: u64) -> Result<(), MemError> {
-        MemoryMut::write_u64(self.0, ipa - IPA_BASE + RAM, v)
-    }
-}
-
-/// A nested stream: stage 2 maps IPA_BASE.. to RAM (256 MiB, 2 MiB blocks), stage 1 maps
-/// IOVA.. (16 KiB) to the IPA of DATA. Returns the machine and its STE.
+/// A nested stream with STE.EATS = `eats` (see `common::nested_stream`).
 fn nested_machine(eats: u8) -> (Machine, Ste) {
     let mut m = Machine::new(ats_cfg());
-    let mem = m.mem.clone();
-    let mut s2 = s2_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 40, 1);
-    s2.map(IPA_BASE, RAM, RAM_SIZE, S2LeafAttrs::rw().bits())
-        .unwrap();
-    let s2_root = s2.root();
-    drop(s2);
-    let tables_ipa = IPA_BASE + (TABLES - RAM) + 0x800_0000;
-    let fmt = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
-    let mut s1 =
-        TableBuilder::new(fmt, Ipa(&m.mem), BumpAllocator::new(tables_ipa, 0x40_0000)).unwrap();
-    s1.map(IOVA, IPA_BASE + (DATA - RAM), 0x4000, urw())
-        .unwrap();
-    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, s1.root(), 5));
-    let mut ste = s2_ste(Granule::Size4K, 40, 1, s2_root, 11);
-    ste.dw0 = SteDw0::new()
-        .with_v(true)
-        .with_config(0b111)
-        .with_s1_context_ptr((IPA_BASE + (CDS - RAM)) >> 6);
-    ste.dw1 = SteDw1::new().with_eats(eats);
+    let mut ste = nested_stream(&mut m, IOVA);
+    ste.dw1 = ste.dw1.with_eats(eats);
     m.set_ste(SID, &ste);
     (m, ste)
 }
