@@ -260,6 +260,10 @@ pub enum Command {
     CfgiCdAll {
         sid: u32,
     },
+    /// CMD_CFGI_VMS_PIDM: separately cached VMS.PARTID_MAPs of a VMID (IHI0070 4.3.5).
+    CfgiVmsPidm {
+        vmid: u16,
+    },
     TlbiNhAll {
         vmid: u16,
     },
@@ -408,6 +412,7 @@ pub fn decode(e: CmdqEntry, c: &SmmuConfig) -> Result<Command, IllegalCommand> {
             | op::CFGI_STE_RANGE
             | op::CFGI_CD
             | op::CFGI_CD_ALL
+            | op::CFGI_VMS_PIDM
             | op::RESUME
             | op::STALL_TERM
     );
@@ -558,7 +563,9 @@ pub fn decode(e: CmdqEntry, c: &SmmuConfig) -> Result<Command, IllegalCommand> {
             };
             Command::Sync { signal }
         }
-        // EL3 invalidations are valid only on the Secure queue; CFGI_VMS_PIDM needs MPAM.
+        // Needs the VMS (IHI0070 4.3.5).
+        op::CFGI_VMS_PIDM if c.vms_supported() => Command::CfgiVmsPidm { vmid },
+        // EL3 invalidations are valid only on the Secure queue.
         other => return Err(IllegalCommand::Opcode(other)),
     })
 }
@@ -591,6 +598,9 @@ pub mod build {
     }
     pub fn cfgi_cd_all(sid: u32) -> CmdqEntry {
         CmdqEntry([stream(op::CFGI_CD_ALL, sid, None), 0])
+    }
+    pub fn cfgi_vms_pidm(vmid: u16) -> CmdqEntry {
+        CmdqEntry([tlbi(op::CFGI_VMS_PIDM, vmid, 0), 0])
     }
     fn tlbi(opcode: u8, vmid: u16, asid: u16) -> u64 {
         CmdTlbiDw0::new()

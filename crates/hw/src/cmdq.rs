@@ -127,6 +127,9 @@ impl Smmu {
                 self.config_changed();
                 self.bump_epoch();
             }
+            // PARTID_MAP is cached only with the STE, by StreamID (IHI0070 5.6.2 allows
+            // it): there is no separate cache for this command to invalidate.
+            Command::CfgiVmsPidm { .. } => {}
             Command::TlbiNhAll { vmid } => {
                 self.invalidate(InvScope {
                     worlds: NS,
@@ -312,9 +315,10 @@ impl Smmu {
 
     fn cfgi(&self, sel: impl Fn(u32) -> bool) {
         let mut t = self.tcu.write();
-        t.ste.retain(|sid, _| !sel(*sid));
-        // CFGI_STE* also drops every CD cached through those StreamIDs (IHI0070 4.3.1).
-        t.cd.retain(|k, _| !sel(k.0));
+        // CFGI_STE* also drops every CD cached through those StreamIDs (IHI0070 4.3.1), and
+        // a contiguous-span entry covering any of them (over-invalidation is allowed:
+        // STE.CONT does not change what software must invalidate, IHI0070 5.2).
+        t.drop_stes(sel);
         t.cfg_gen += 1;
         drop(t);
         self.config_changed();

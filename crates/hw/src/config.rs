@@ -46,6 +46,9 @@ pub struct SmmuConfig {
     pub hyp: bool,
     /// IDR0.ATS: PCIe ATS (CMD_ATC_INV).
     pub ats: bool,
+    /// IDR0.NS1ATS: true = Split-stage ATS (STE.EATS = 0b10) is *not* implemented
+    /// (IHI0070 6.3.1, 5.2 EATS).
+    pub ns1ats: bool,
     /// IDR0.PRI: page request interface (PRI queue, CMD_PRI_RESP).
     pub pri: bool,
     /// IDR0.MSI: message-signalled interrupts (CMD_SYNC MSI, IRQ_CFG0 writes).
@@ -74,6 +77,14 @@ pub struct SmmuConfig {
     pub eventqs: u8,
     /// IDR1.PRIQS (log2 entries, ≤ 19).
     pub priqs: u8,
+    /// IDR3.MPAM: Memory System Resource Partitioning and Monitoring. With a non-zero
+    /// `mpam_partid_max` and both stages, the SMMU supports the VMS (IHI0070 5.6.1) and
+    /// fetches it for nested streams with STE.S1MPAM = 1.
+    pub mpam: bool,
+    /// SMMU_MPAMIDR.PARTID_MAX.
+    pub mpam_partid_max: u16,
+    /// SMMU_MPAMIDR.PMG_MAX.
+    pub mpam_pmg_max: u8,
     /// IDR3.RIL: range invalidation and the TTL hint.
     pub ril: bool,
     /// IDR5.OAS as a number of bits: 32, 36, 40, 42, 44, 48 or 52.
@@ -103,6 +114,7 @@ impl Default for SmmuConfig {
             btm: true,
             hyp: true,
             ats: false,
+            ns1ats: false,
             pri: false,
             msi: true,
             sev: true,
@@ -117,6 +129,9 @@ impl Default for SmmuConfig {
             cmdqs: 19,
             eventqs: 19,
             priqs: 19,
+            mpam: false,
+            mpam_partid_max: 0,
+            mpam_pmg_max: 0,
             ril: true,
             oas_bits: 48,
             gran4k: true,
@@ -202,6 +217,9 @@ impl SmmuConfig {
         if self.pri && !self.ats {
             return bad("pri requires ats");
         }
+        if !self.mpam && (self.mpam_partid_max != 0 || self.mpam_pmg_max != 0) {
+            return bad("mpam_partid_max and mpam_pmg_max need mpam");
+        }
         if self.tlb_capacity == 0 || self.cfg_cache_capacity == 0 {
             return bad("cache capacities must be non-zero");
         }
@@ -220,6 +238,8 @@ impl SmmuConfig {
             .with_btm(self.btm)
             .with_hyp(self.hyp)
             .with_ats(self.ats)
+            // NS1ATS is meaningful only with ATS.
+            .with_ns1ats(self.ats && self.ns1ats)
             .with_asid16(self.asid16)
             .with_msi(self.msi)
             .with_sev(self.sev)
@@ -243,7 +263,21 @@ impl SmmuConfig {
     }
 
     pub fn idr3(&self) -> Idr3 {
-        Idr3::new().with_ril(self.ril)
+        Idr3::new().with_ril(self.ril).with_mpam(self.mpam)
+    }
+
+    /// SMMU_MPAMIDR: PARTID_MAX\[15:0\], PMG_MAX\[23:16\] (IHI0070 6.3.41).
+    pub fn mpamidr(&self) -> u32 {
+        if self.mpam {
+            u32::from(self.mpam_partid_max) | (u32::from(self.mpam_pmg_max) << 16)
+        } else {
+            0
+        }
+    }
+
+    /// Whether the SMMU supports the VMS in Non-secure state (IHI0070 5.6.1).
+    pub fn vms_supported(&self) -> bool {
+        self.mpam && self.s1p && self.s2p && self.mpam_partid_max != 0
     }
 
     pub fn idr5(&self) -> Idr5 {

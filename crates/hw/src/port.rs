@@ -327,6 +327,36 @@ impl DmaPort {
         Ok(())
     }
 
+    /// An ATS Translation Request from the device behind this port. ATS traffic does not
+    /// use the micro-TLB (its answers are cached in the device's ATC).
+    pub fn ats_translation_request(
+        &self,
+        req: &crate::ats::AtsRequest,
+    ) -> crate::ats::AtsCompletion {
+        self.smmu.ats_translation_request(req)
+    }
+
+    /// A read by Translated transactions (PCIe AT = Translated), checked per
+    /// SMMU_CR0.ATSCHK and STE.EATS.
+    pub fn dma_read_translated(
+        &mut self,
+        sid: u32,
+        addr: u64,
+        buf: &mut [u8],
+    ) -> Result<(), DmaError> {
+        self.smmu.dma_read_translated(sid, addr, buf)
+    }
+
+    /// A write by Translated transactions.
+    pub fn dma_write_translated(
+        &mut self,
+        sid: u32,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), DmaError> {
+        self.smmu.dma_write_translated(sid, addr, data)
+    }
+
     /// Empties the micro-TLB (a TBU reset; never needed for coherence).
     pub fn flush(&mut self) {
         self.utlb.flush();

@@ -27,6 +27,10 @@ pub mod off {
     pub const STATUSR: u64 = 0x40;
     pub const GBPA: u64 = 0x44;
     pub const AGBPA: u64 = 0x48;
+    /// MPAM (IDR3.MPAM = 1): capability, global and global-bypass MPAM (IHI0070 6.3.41–43).
+    pub const MPAMIDR: u64 = 0x130;
+    pub const GMPAM: u64 = 0x138;
+    pub const GBPMPAM: u64 = 0x13C;
     pub const IRQ_CTRL: u64 = 0x50;
     pub const IRQ_CTRLACK: u64 = 0x54;
     pub const GERROR: u64 = 0x60;

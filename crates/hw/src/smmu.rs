@@ -53,6 +53,8 @@ pub(crate) struct Regs {
     pub cmdq_base: u64,
     pub cmdq_prod: u32,
     pub cmdq_cons: u32,
+    pub gmpam: u32,
+    pub gbpmpam: u32,
 }
 
 /// An SMMU-written queue (event queue, PRI queue).
@@ -91,14 +93,98 @@ pub(crate) struct Live {
     pub strtab_cfg: StrtabBaseCfg,
 }
 
+/// A cached STE: what it decodes to, and a fingerprint of its 64 bytes without STE.CONT
+/// (two STEs are "identical" for STE.CONT when all their other fields are, IHI0070 5.2).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CachedSte {
+    pub cfg: StreamConfig,
+    pub fp: u64,
+    /// VMS.PARTID_MAP, when the STE enables the VMS (IHI0070 5.6.2: cached by StreamID).
+    pub partid_map: Option<[u16; 32]>,
+}
+
 /// The configuration cache (STE by StreamID, CD by StreamID and CD index) and the live
 /// register snapshot, behind one lock.
 pub(crate) struct Tcu {
     pub live: Live,
-    pub ste: HashMap<u32, StreamConfig, FxBuildHasher>,
+    pub ste: HashMap<u32, CachedSte, FxBuildHasher>,
+    /// STEs fetched with STE.CONT = n > 0, matched by every StreamID of their span:
+    /// (n, StreamID >> n) → entry (IHI0070 5.2 CONT, 3.20.2).
+    pub ste_spans: HashMap<(u8, u32), CachedSte, FxBuildHasher>,
+    /// Bit n set while a span of 2^n StreamIDs is cached.
+    pub span_sizes: u16,
     pub cd: HashMap<(u32, u32), CdConfig, FxBuildHasher>,
     /// Bumped by every CFGI; a fetch that started under an older generation does not insert.
     pub cfg_gen: u64,
+}
+
+impl Tcu {
+    /// The VMS.PARTID_MAP cached with the STE of `sid` (own entry or span).
+    pub fn partid_map(&self, sid: u32) -> Option<[u16; 32]> {
+        let own = self.ste.get(&sid).and_then(|c| c.partid_map);
+        own.or_else(|| {
+            (0..16u8)
+                .filter(|n| self.span_sizes & (1 << n) != 0)
+                .find_map(|n| self.ste_spans.get(&(n, sid >> n)))
+                .and_then(|c| c.partid_map)
+        })
+    }
+
+    /// The cached configuration of `sid`: its own entry, else the entry of a contiguous
+    /// span that covers it.
+    #[inline]
+    pub fn ste_get(&self, sid: u32) -> Option<StreamConfig> {
+        match self.ste.get(&sid) {
+            Some(c) => Some(c.cfg),
+            None if self.span_sizes != 0 => self.span_get(sid),
+            None => None,
+        }
+    }
+
+    #[cold]
+    fn span_get(&self, sid: u32) -> Option<StreamConfig> {
+        let mut sizes = self.span_sizes;
+        while sizes != 0 {
+            let n = sizes.trailing_zeros() as u8;
+            sizes &= sizes - 1;
+            if let Some(c) = self.ste_spans.get(&(n, sid >> n)) {
+                return Some(c.cfg);
+            }
+        }
+        None
+    }
+
+    /// Entries of the configuration cache.
+    pub fn len(&self) -> usize {
+        self.ste.len() + self.ste_spans.len() + self.cd.len()
+    }
+
+    /// Whether caching an STE with fingerprint `fp` for the span of 2^`n` StreamIDs
+    /// holding `sid` would make a lookup match two non-identical entries (IHI0070 3.20.2).
+    pub fn span_conflicts(&self, sid: u32, n: u8, fp: u64) -> bool {
+        let lo = u64::from(sid >> n) << n;
+        let hi = lo + (1u64 << n);
+        let inside = |s: u64| s >= lo && s < hi;
+        self.ste
+            .iter()
+            .any(|(s, c)| inside(u64::from(*s)) && c.fp != fp)
+            || self.ste_spans.iter().any(|(&(m, b), c)| {
+                let (l, h) = (u64::from(b) << m, (u64::from(b) + 1) << m);
+                l < hi && lo < h && c.fp != fp
+            })
+    }
+
+    /// Drops every cached STE (own or span) of a StreamID `sel` selects, and the CDs
+    /// cached through them. A span goes when any of its StreamIDs is selected.
+    pub fn drop_stes(&mut self, sel: impl Fn(u32) -> bool) {
+        self.ste.retain(|sid, _| !sel(*sid));
+        self.ste_spans.retain(|&(n, b), _| {
+            let lo = u64::from(b) << n;
+            !(lo..lo + (1u64 << n)).any(|s| sel(s as u32))
+        });
+        self.span_sizes = self.ste_spans.keys().fold(0, |m, &(n, _)| m | (1 << n));
+        self.cd.retain(|k, _| !sel(k.0));
+    }
 }
 
 /// A statistics counter sharded per thread: each of the first 16 threads that count owns a
@@ -164,6 +250,7 @@ pub(crate) struct Counters {
     pub desc_reads: [Counter; 8],
     pub ste_fetches: Counter,
     pub cd_fetches: Counter,
+    pub vms_fetches: Counter,
     pub commands: Counter,
     pub command_errors: Counter,
     pub syncs: Counter,
@@ -208,6 +295,8 @@ pub struct SmmuStats {
     pub desc_reads: [[u64; 4]; 2],
     pub ste_fetches: u64,
     pub cd_fetches: u64,
+    /// VMS fetches (IHI0070 5.6), each with an STE fetch that enabled it.
+    pub vms_fetches: u64,
     pub tlb_entries: u64,
     pub tlb_inserts: u64,
     pub tlb_evictions: u64,
@@ -251,6 +340,7 @@ impl SmmuStats {
         v.extend([
             ("ste_fetches".into(), self.ste_fetches),
             ("cd_fetches".into(), self.cd_fetches),
+            ("vms_fetches".into(), self.vms_fetches),
             ("tlb_entries".into(), self.tlb_entries),
             ("tlb_inserts".into(), self.tlb_inserts),
             ("tlb_evictions".into(), self.tlb_evictions),
@@ -414,6 +504,8 @@ impl Smmu {
             tcu: RwLock::new(Tcu {
                 live,
                 ste: HashMap::default(),
+                ste_spans: HashMap::default(),
+                span_sizes: 0,
                 cd: HashMap::default(),
                 cfg_gen: 0,
             }),
@@ -521,6 +613,10 @@ impl Smmu {
             off::STATUSR => 0,
             off::GBPA => self.regs.lock().gbpa,
             off::AGBPA => 0,
+            // MPAM registers: RES0 without IDR3.MPAM (IHI0070 6.3.41–43).
+            off::MPAMIDR => self.cfg.mpamidr(),
+            off::GMPAM if self.cfg.mpam => self.regs.lock().gmpam,
+            off::GBPMPAM if self.cfg.mpam => self.regs.lock().gbpmpam,
             off::IRQ_CTRL | off::IRQ_CTRLACK => self.irq.lock().irq_ctrl,
             off::GERROR => self.gerror.load(Ordering::Acquire),
             off::GERRORN => self.gerrorn.load(Ordering::Acquire),
@@ -631,6 +727,20 @@ impl Smmu {
                     let mut r = self.regs.lock();
                     r.gbpa = g.with_update(false).into_bits() & 0x001F_3F1F;
                     self.refresh_live(&r);
+                }
+            }
+            // Update protocol as GBPA's: only a write with Update = 1 takes effect; it
+            // completes at once (IHI0070 6.3.42, 6.3.43). PARTID/PMG bits above the
+            // implemented widths are RES0.
+            off::GMPAM | off::GBPMPAM if self.cfg.mpam && v & (1 << 31) != 0 => {
+                let width = |max: u32| (1u32 << (32 - max.leading_zeros())) - 1;
+                let keep = width(u32::from(self.cfg.mpam_partid_max))
+                    | (width(u32::from(self.cfg.mpam_pmg_max)) << 16);
+                let mut r = self.regs.lock();
+                if canonical(offset) == off::GMPAM {
+                    r.gmpam = v & keep;
+                } else {
+                    r.gbpmpam = v & keep;
                 }
             }
             off::IRQ_CTRL => self.irq.lock().irq_ctrl = v & 0x7,
@@ -975,6 +1085,7 @@ impl Smmu {
             desc_reads,
             ste_fetches: g(&c.ste_fetches),
             cd_fetches: g(&c.cd_fetches),
+            vms_fetches: g(&c.vms_fetches),
             tlb_entries,
             tlb_inserts: tc.inserts,
             tlb_evictions: tc.evictions,
@@ -996,6 +1107,13 @@ impl Smmu {
             irq_sync: g(&c.irqs[3]),
             sev: g(&c.irqs[4]),
         }
+    }
+
+    /// The VMS.PARTID_MAP the configuration cache holds for `sid` (fetched with its STE
+    /// when the STE enables the VMS), for tests and tools: the model has no MPAM
+    /// consumers, so the mapped PARTIDs are not otherwise observable.
+    pub fn cached_partid_map(&self, sid: u32) -> Option<[u16; 32]> {
+        self.tcu.read().partid_map(sid)
     }
 
     /// Every entry of the main TLB (tests and the oracle).

@@ -244,6 +244,33 @@ pub struct S1Ctx {
     pub world: StreamWorld,
 }
 
+/// STE.EATS as the SMMU applies it (IHI0070 5.2 EATS): which ATS traffic the stream
+/// accepts. The effective value also depends on SMMU_CR0.ATSCHK, which is read when the
+/// traffic arrives ([`Eats::effective`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Eats {
+    /// 0b00 (and 0b11 without DPT, which is Reserved and behaves as 0b00; and any value
+    /// while IDR0.ATS = 0, when the field is IGNORED).
+    Disabled,
+    /// 0b01: Translation Requests translate at every enabled stage; Translated traffic
+    /// bypasses.
+    Full,
+    /// 0b10: Translation Requests answer the stage-1 IPA; Translated traffic goes through
+    /// stage 2 (only with Config = 0b111, and only while ATSCHK = 1).
+    Split,
+}
+
+impl Eats {
+    /// The effective value under SMMU_CR0.ATSCHK: Split-stage behaves as 0b00 while
+    /// ATSCHK = 0 (IHI0070 5.2 EATS, 3.9.2).
+    pub fn effective(self, atschk: bool) -> Eats {
+        match self {
+            Eats::Split if !atschk => Eats::Disabled,
+            e => e,
+        }
+    }
+}
+
 /// What a valid STE says about a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamConfig {
@@ -264,6 +291,10 @@ pub enum StreamConfig {
         privcfg: AttrOverride,
         instcfg: AttrOverride,
         mev: bool,
+        /// STE.EATS as decoded (before ATSCHK).
+        eats: Eats,
+        /// STE.VMSPtr when the VMS is enabled for the stream (IHI0070 5.2 VMSPtr, 5.6).
+        vms: Option<u64>,
     },
 }
 
@@ -294,8 +325,10 @@ pub enum BadSte {
     VmidRange,
     #[error("S2S set without stall support")]
     S2Stall,
-    #[error("reserved EATS")]
+    #[error("EATS not allowed with this configuration")]
     BadEats,
+    #[error("VMSPtr beyond the output address size")]
+    VmsPtrRange,
 }
 
 /// IHI0070 5.2 / 5.2.2: validate an STE and extract what translation needs.
@@ -320,9 +353,6 @@ pub fn decode_ste(ste: &Ste, c: &SmmuConfig) -> Result<StreamConfig, BadSte> {
     let instcfg = AttrOverride::from_cfg(d1.instcfg());
     if !s1_en && !s2_en {
         return Ok(StreamConfig::Bypass { privcfg, instcfg });
-    }
-    if c.ats && d1.eats() == 3 {
-        return Err(BadSte::BadEats);
     }
     // S2VMID is used (as the TLB tag) whenever stage 2 is implemented, even if bypassed.
     let vmid = if c.s2p { d2.s2vmid() } else { 0 };
@@ -411,6 +441,32 @@ pub fn decode_ste(ste: &Ste, c: &SmmuConfig) -> Result<StreamConfig, BadSte> {
     } else {
         None
     };
+    // IHI0070 5.2 EATS: IGNORED without IDR0.ATS. 0b01 is ILLEGAL with stage 2 enabled and
+    // S2S = 1 (SMMUv3.1+); 0b10 is ILLEGAL unless Config = 0b111, S2S = 0 and Split-stage
+    // is implemented (IDR0.NS1ATS = 0); 0b11 (Full ATS with DPT checks) is Reserved without
+    // IDR3.DPT and behaves as 0b00.
+    let eats = if !c.ats {
+        Eats::Disabled
+    } else {
+        match d1.eats() {
+            1 if s2_en && d2.s2s() => return Err(BadSte::BadEats),
+            1 => Eats::Full,
+            2 if config != 0b111 || d2.s2s() || c.ns1ats => return Err(BadSte::BadEats),
+            2 => Eats::Split,
+            _ => Eats::Disabled,
+        }
+    };
+    // IHI0070 5.2 VMSPtr (dword 5 bits [55:12]): enabled when the VMS is supported, Config
+    // = 0b111 and S1MPAM = 1; beyond the OAS it makes the STE ILLEGAL.
+    let vms = if c.vms_supported() && config == 0b111 && d1.s1mpam() {
+        let ptr = ste.rest[1] & 0x00ff_ffff_ffff_f000;
+        if ptr >> c.oas_bits != 0 {
+            return Err(BadSte::VmsPtrRange);
+        }
+        Some(ptr)
+    } else {
+        None
+    };
     Ok(StreamConfig::Translate {
         s1,
         s2,
@@ -418,6 +474,8 @@ pub fn decode_ste(ste: &Ste, c: &SmmuConfig) -> Result<StreamConfig, BadSte> {
         privcfg,
         instcfg,
         mev: d1.mev(),
+        eats,
+        vms,
     })
 }
 
@@ -631,5 +689,46 @@ mod tests {
         assert_eq!(decode_ste(&s, &c), Err(BadSte::BadCdTable));
         s.dw0 = s.dw0.with_s1cdmax(0).with_s1_context_ptr(1 << 43);
         assert_eq!(decode_ste(&s, &c), Err(BadSte::ContextPtrRange));
+    }
+
+    #[test]
+    fn eats_legality() {
+        let c = SmmuConfig {
+            ats: true,
+            ..SmmuConfig::default()
+        };
+        let eats_of = |s: &Ste, c: &SmmuConfig| match decode_ste(s, c) {
+            Ok(StreamConfig::Translate { eats, .. }) => Ok(eats),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let mut s = s2_ste(0, 1, 24);
+        // Stage 2 only: Full is legal, Split is not (Config != 0b111).
+        s.dw1 = SteDw1::new().with_eats(1);
+        assert_eq!(eats_of(&s, &c), Ok(Eats::Full));
+        s.dw1 = SteDw1::new().with_eats(2);
+        assert_eq!(eats_of(&s, &c), Err(BadSte::BadEats));
+        // Full with S2S = 1 and stage 2 enabled is ILLEGAL.
+        s.dw1 = SteDw1::new().with_eats(1);
+        s.dw2 = s.dw2.with_s2s(true);
+        assert_eq!(eats_of(&s, &c), Err(BadSte::BadEats));
+        s.dw2 = s.dw2.with_s2s(false);
+        // 0b11 without DPT is Reserved and behaves as 0b00 (not ILLEGAL).
+        s.dw1 = SteDw1::new().with_eats(3);
+        assert_eq!(eats_of(&s, &c), Ok(Eats::Disabled));
+        // Nested: Split is legal unless NS1ATS says Split-stage is not implemented.
+        s.dw0 = s.dw0.with_config(0b111);
+        s.dw1 = SteDw1::new().with_eats(2);
+        assert_eq!(eats_of(&s, &c), Ok(Eats::Split));
+        let no_split = SmmuConfig {
+            ns1ats: true,
+            ..c.clone()
+        };
+        assert_eq!(eats_of(&s, &no_split), Err(BadSte::BadEats));
+        // Without IDR0.ATS the field is IGNORED.
+        assert_eq!(eats_of(&s, &SmmuConfig::default()), Ok(Eats::Disabled));
+        assert_eq!(Eats::Split.effective(false), Eats::Disabled);
+        assert_eq!(Eats::Split.effective(true), Eats::Split);
+        assert_eq!(Eats::Full.effective(false), Eats::Full);
     }
 }

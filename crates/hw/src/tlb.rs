@@ -500,6 +500,33 @@ impl Tlb {
         Some(slot.entry)
     }
 
+    /// Whether inserting `e` would make a lookup match more than one entry (IHI0070
+    /// 3.20.1): an entry of `e`'s context overlapping its span at another size or base, or
+    /// any entry of `twin` (the context a lookup for `e`'s also probes: the global twin of
+    /// an ASID-tagged context, or the reverse) overlapping it. One ordered range query and
+    /// one probe per larger size present, per context: for the miss path only.
+    pub fn conflicts(&self, e: &TlbEntry, twin: Option<Ctx>) -> bool {
+        let end = e.in_base.saturating_add(e.size() - 1);
+        let overlapping = |c: &CtxTlb, own: bool| {
+            // Entries based inside the span (smaller ones, or the same base at another size).
+            let inside = c
+                .by_addr
+                .range(e.in_base..=end)
+                .any(|(&k, _)| !own || k != (e.in_base | u64::from(e.shift)));
+            // Larger entries covering the span's base.
+            let mut larger = c.sizes & !((2u64 << e.shift) - 1);
+            let mut covering = false;
+            while larger != 0 && !covering {
+                let s = larger.trailing_zeros() as u8;
+                larger &= larger - 1;
+                covering = c.map.contains_key(&page_key(e.in_base, s));
+            }
+            inside || covering
+        };
+        self.ctxs.get(&e.ctx).is_some_and(|c| overlapping(c, true))
+            || twin.is_some_and(|t| self.ctxs.get(&t).is_some_and(|c| overlapping(c, false)))
+    }
+
     /// Inserts (or replaces) an entry, evicting one entry if the TLB is full.
     pub fn insert(&mut self, e: TlbEntry) {
         self.insert_reporting(e);

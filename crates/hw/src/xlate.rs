@@ -168,7 +168,7 @@ pub(crate) struct XFault {
 }
 
 impl XFault {
-    fn config(event: EventType) -> Self {
+    pub(crate) fn config(event: EventType) -> Self {
         XFault {
             event,
             s2: false,
@@ -281,14 +281,14 @@ fn event_of(kind: FaultKind) -> EventType {
 
 /// A stage-2 result, from the TLB or a walk.
 #[derive(Debug, Clone, Copy)]
-struct S2Hit {
-    pa: u64,
-    in_base: u64,
-    shift: u8,
-    out_base: u64,
-    perms: S2Perms,
-    level: u8,
-    device: bool,
+pub(crate) struct S2Hit {
+    pub pa: u64,
+    pub in_base: u64,
+    pub shift: u8,
+    pub out_base: u64,
+    pub perms: S2Perms,
+    pub level: u8,
+    pub device: bool,
 }
 
 impl S2Hit {
@@ -309,10 +309,10 @@ impl S2Hit {
 
 /// Stage-1 context of a stream after CD selection.
 #[derive(Debug, Clone, Copy)]
-struct S1Sel {
-    cd: crate::cd::CdConfig,
-    world: World,
-    stalld: bool,
+pub(crate) struct S1Sel {
+    pub cd: crate::cd::CdConfig,
+    pub world: World,
+    pub stalld: bool,
 }
 
 impl Smmu {
@@ -468,7 +468,13 @@ impl Smmu {
         // The access attributes reported are the post-override ones; they are recomputed
         // here from the transaction (the STE is cached, so this is cheap and never fails
         // differently from the translation that just ran).
-        let (pnu, ind) = self.reported_attrs(txn);
+        let (pnu, ind) = if x.event == EventType::FUut {
+            // F_UUT reports the incoming attributes, not the post-override ones (IHI0070
+            // 7.3.2).
+            (txn.privileged, txn.kind == AccessKind::Execute)
+        } else {
+            self.reported_attrs(txn)
+        };
         let mut ev = Event {
             event_type: x.event,
             sid: txn.sid,
@@ -483,6 +489,7 @@ impl Smmu {
             input_addr: txn.addr,
             ipa: x.ipa,
             fetch_addr: x.fetch_addr,
+            detail: crate::event::EventDetail::None,
         };
         let stall = x.may_stall && !matches!(self.cfg.stall_model, StallModel::TerminateOnly);
         if stall {
@@ -532,7 +539,7 @@ impl Smmu {
     }
 
     fn reported_attrs(&self, txn: &Transaction) -> (bool, bool) {
-        let ste = self.tcu.read().ste.get(&txn.sid).copied();
+        let ste = self.tcu.read().ste_get(txn.sid);
         let (privcfg, instcfg) = match ste {
             Some(StreamConfig::Translate {
                 privcfg, instcfg, ..
@@ -815,7 +822,7 @@ impl Smmu {
         // stream selects a CD, that CD.
         let (live, ste, cd0) = {
             let t = self.tcu.read();
-            let ste = t.ste.get(&txn.sid).copied();
+            let ste = t.ste_get(txn.sid);
             let cd0 = match &ste {
                 Some(StreamConfig::Translate { s1: Some(s1), .. }) => match self.select_cd(txn, s1)
                 {
@@ -997,7 +1004,7 @@ impl Smmu {
     }
 
     /// Which CD a transaction uses, or `None` for S1DSS bypass.
-    fn select_cd(&self, txn: &Transaction, s1: &S1Ctx) -> Result<Option<u32>, Fail> {
+    pub(crate) fn select_cd(&self, txn: &Transaction, s1: &S1Ctx) -> Result<Option<u32>, Fail> {
         if s1.cdmax == 0 {
             if txn.ssid.is_some() {
                 return Err(Fail::Fault(XFault::config(EventType::CBadSubstreamid)));
@@ -1025,7 +1032,7 @@ impl Smmu {
 
     /// Locates, reads and validates the STE of `sid` (IHI0070 3.3.1, 5.1, 5.2), and caches
     /// it unless a CFGI happened meanwhile.
-    fn fetch_ste(&self, live: &Live, sid: u32) -> Result<StreamConfig, Fail> {
+    pub(crate) fn fetch_ste(&self, live: &Live, sid: u32) -> Result<StreamConfig, Fail> {
         let gen0 = self.tcu.read().cfg_gen;
         inc(&self.counters.ste_fetches);
         let cfg = live.strtab_cfg;
@@ -1077,22 +1084,71 @@ impl Smmu {
                 .read_u64(a)
                 .map_err(|_| Fail::Fault(XFault::fetch(EventType::FSteFetch, a)))?;
         }
-        let sc = decode_ste(&Ste::from_dwords(d), &self.cfg)
+        let ste = Ste::from_dwords(d);
+        let sc = decode_ste(&ste, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadSte)))?;
+        // The VMS, when the STE enables it (IHI0070 5.6.1): its PARTID_MAP (the only
+        // defined part, bytes 0..64) is cached with the STE (5.6.2). An external abort is
+        // F_VMS_FETCH, after C_BAD_STE in priority (7.3.20, 7.3.22).
+        let partid_map = match sc {
+            StreamConfig::Translate { vms: Some(p), .. } => {
+                inc(&self.counters.vms_fetches);
+                let mut map = [0u16; 32];
+                for (i, four) in map.chunks_exact_mut(4).enumerate() {
+                    let a = p + 8 * i as u64;
+                    let w = self
+                        .mem
+                        .read_u64(a)
+                        .map_err(|_| Fail::Fault(XFault::fetch(EventType::FVmsFetch, a)))?;
+                    for (j, id) in four.iter_mut().enumerate() {
+                        *id = (w >> (16 * j)) as u16;
+                    }
+                }
+                Some(map)
+            }
+            _ => None,
+        };
+        let cont = ste.dw1.cont();
+        let entry = crate::smmu::CachedSte {
+            cfg: sc,
+            fp: ste_fingerprint(&d),
+            partid_map,
+        };
         let mut t = self.tcu.write();
         if t.cfg_gen == gen0 {
-            if t.ste.len() + t.cd.len() >= self.cfg.cfg_cache_capacity
-                && let Some(k) = t.ste.keys().next().copied()
-            {
-                t.ste.remove(&k);
+            // STE.CONT = n: one entry serves the aligned span of 2^n StreamIDs (IHI0070
+            // 5.2). Caching it over a non-identical entry of the span would make a lookup
+            // match both: F_CFG_CONFLICT, the transaction aborts, the new entry is not
+            // cached (IHI0070 3.20.2, 7.3.18). Detected here, on the fill, never on a hit.
+            if cont > 0 && t.span_conflicts(sid, cont, entry.fp) {
+                return Err(Fail::Fault(XFault::config(EventType::FCfgConflict)));
             }
-            t.ste.insert(sid, sc);
+            if t.len() >= self.cfg.cfg_cache_capacity {
+                if let Some(k) = t.ste.keys().next().copied() {
+                    t.ste.remove(&k);
+                } else if let Some(k) = t.ste_spans.keys().next().copied() {
+                    t.ste_spans.remove(&k);
+                    t.span_sizes = t.ste_spans.keys().fold(0, |m, &(n, _)| m | (1 << n));
+                }
+            }
+            if cont > 0 {
+                t.ste_spans.insert((cont, sid >> cont), entry);
+                t.span_sizes |= 1 << cont;
+            } else {
+                t.ste.insert(sid, entry);
+            }
         }
         Ok(sc)
     }
 
     /// A stage-2 fault of class `class` under the STE's recording and stall rules.
-    fn s2_fault(&self, s2: &S2Config, f: twinmmu_vmsa::Fault, ipa: u64, class: FaultClass) -> Fail {
+    pub(crate) fn s2_fault(
+        &self,
+        s2: &S2Config,
+        f: twinmmu_vmsa::Fault,
+        ipa: u64,
+        class: FaultClass,
+    ) -> Fail {
         let event = event_of(f.kind);
         if let FaultKind::ExternalAbort { fetch_addr } = f.kind {
             return Fail::Fault(XFault {
@@ -1118,7 +1174,7 @@ impl Smmu {
     }
 
     /// Stage 2 of `ipa` (TLB, then walk), with the permission check for `access`.
-    fn s2_translate(
+    pub(crate) fn s2_translate(
         &self,
         s2: &S2Config,
         ipa: u64,
@@ -1141,7 +1197,7 @@ impl Smmu {
     /// The stage-2 entry of `ipa` (no permission check): the TLB (and the entries `batch`
     /// holds for insertion), else a walk, whose entry goes into `batch` when there is one
     /// and into the TLB at once otherwise.
-    fn s2_entry(
+    pub(crate) fn s2_entry(
         &self,
         s2: &S2Config,
         ipa: u64,
@@ -1185,22 +1241,27 @@ impl Smmu {
         // Under the store lock the generation is exact for the ids read there.
         let generation = self.ctx_gen.load(Ordering::Acquire);
         for e in entries {
-            // Entries hit through the array are referenced there: CLOCK asks it.
-            let ins = t.insert_with(*e, |old, id| self.hit.take_referenced(id, old));
-            // What the store evicted or replaced leaves the lookup array first.
-            for (old, id) in t.drain_removed() {
-                self.hit.remove(id, &old);
-            }
-            let dropped = if ins.replaced {
-                self.hit.insert(ins.ctx_id, e)
-            } else {
-                self.hit.insert_new(ins.ctx_id, e)
-            };
-            if self.ids.lookup_state(e.ctx, generation) != Some((ins.ctx_id, ins.lossy)) {
-                self.ids.fill(e.ctx, ins.ctx_id, ins.lossy, generation);
-            }
-            self.array_dropped(&mut t, dropped, generation);
+            self.insert_locked(&mut t, e, generation);
         }
+    }
+
+    /// One insertion under the store lock: the store, then the lookup array and id cache.
+    fn insert_locked(&self, t: &mut Tlb, e: &TlbEntry, generation: u64) {
+        // Entries hit through the array are referenced there: CLOCK asks it.
+        let ins = t.insert_with(*e, |old, id| self.hit.take_referenced(id, old));
+        // What the store evicted or replaced leaves the lookup array first.
+        for (old, id) in t.drain_removed() {
+            self.hit.remove(id, &old);
+        }
+        let dropped = if ins.replaced {
+            self.hit.insert(ins.ctx_id, e)
+        } else {
+            self.hit.insert_new(ins.ctx_id, e)
+        };
+        if self.ids.lookup_state(e.ctx, generation) != Some((ins.ctx_id, ins.lossy)) {
+            self.ids.fill(e.ctx, ins.ctx_id, ins.lossy, generation);
+        }
+        self.array_dropped(t, dropped, generation);
     }
 
     /// The lookup array gave up an entry of context incarnation `dropped` (a full set) that
@@ -1289,7 +1350,7 @@ impl Smmu {
     }
 
     /// Locates, reads and validates CD `idx` of the stream (IHI0070 3.3.2, 5.3, 5.4).
-    fn cd_config(
+    pub(crate) fn cd_config(
         &self,
         txn: &Transaction,
         live: &Live,
@@ -1359,7 +1420,7 @@ impl Smmu {
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadCd)))?;
         let mut t = self.tcu.write();
         if t.cfg_gen == gen0 {
-            if t.ste.len() + t.cd.len() >= self.cfg.cfg_cache_capacity
+            if t.len() >= self.cfg.cfg_cache_capacity
                 && let Some(k) = t.cd.keys().next().copied()
             {
                 t.cd.remove(&k);
@@ -1414,31 +1475,7 @@ impl Smmu {
         probed: Option<[u64; 2]>,
     ) -> Result<(Resolved, bool), Fail> {
         let va = txn.addr;
-        // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
-        // with the canonical address, so tagged and untagged accesses share them and a TLBI
-        // by untagged VA finds them.
-        let tbi = if (va >> 55) & 1 == 1 {
-            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1)
-        } else {
-            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0)
-        };
-        let key_va = if tbi {
-            (((va << 8) as i64) >> 8) as u64
-        } else {
-            va
-        };
-        // The hit path's probe (same tag, same ids under this generation) already missed.
-        let cached = self.tlb_lookup_from(ctx, key_va, probed);
-        let entry = match cached {
-            Some(e) => {
-                inc(&self.counters.tlb_hits);
-                e
-            }
-            None => {
-                inc(&self.counters.tlb_misses);
-                self.s1_walk(va, key_va, sel, s2, ctx, access)?
-            }
-        };
+        let entry = self.s1_entry(va, sel, s2, ctx, access, probed)?;
         // Permissions: stage 1 first, then stage 2 (IHI0070 7.3.22: the final stage-1
         // descriptor's F_PERMISSION comes before any fault of the output IPA's stage 2); a
         // stage-2 permission fault on the output is CLASS = IN with the IPA. A walk has
@@ -1476,6 +1513,44 @@ impl Smmu {
         ))
     }
 
+    /// The stage-1 (or nested combined) entry translating `va`: the main TLB, else a walk
+    /// (which inserts it). No permission check beyond the nested walk's stage-1 check for
+    /// `access` (IHI0070 7.3.22). `probed`: ids the hit path has just probed and missed.
+    pub(crate) fn s1_entry(
+        &self,
+        va: u64,
+        sel: &S1Sel,
+        s2: Option<&S2Config>,
+        ctx: Ctx,
+        access: Access,
+        probed: Option<[u64; 2]>,
+    ) -> Result<TlbEntry, Fail> {
+        // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
+        // with the canonical address, so tagged and untagged accesses share them and a TLBI
+        // by untagged VA finds them.
+        let tbi = if (va >> 55) & 1 == 1 {
+            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1)
+        } else {
+            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0)
+        };
+        let key_va = if tbi {
+            (((va << 8) as i64) >> 8) as u64
+        } else {
+            va
+        };
+        // The hit path's probe (same tag, same ids under this generation) already missed.
+        match self.tlb_lookup_from(ctx, key_va, probed) {
+            Some(e) => {
+                inc(&self.counters.tlb_hits);
+                Ok(e)
+            }
+            None => {
+                inc(&self.counters.tlb_misses);
+                self.s1_walk(va, key_va, sel, s2, ctx, access)
+            }
+        }
+    }
+
     /// Walks stage 1 (and stage 2 for every table address and the output, when nested),
     /// inserts the resulting entry and returns it. When nested, the stage-1 permission
     /// check for `access` comes between the stage-1 walk and stage 2 of the output IPA
@@ -1492,22 +1567,57 @@ impl Smmu {
         // Read before any walk: what the walks read is inserted only if no invalidation
         // ran since.
         let gen0 = self.tlb_gen.load(Ordering::Acquire);
-        if s2.is_none() {
-            let r = self.s1_walk_in(va, key_va, sel, None, ctx, access, &mut Batch::default());
-            if let Ok(e) = &r {
-                self.tlb_insert(*e, gen0);
-            }
-            return r;
-        }
         let mut batch = Batch::default();
         let r = self.s1_walk_in(va, key_va, sel, s2, ctx, access, &mut batch);
-        if let Ok(e) = r {
-            batch.push(self, e, gen0);
+        // The stage-2 entries of the walk and its stage-1 (or combined) entry go in
+        // together, also when a later step faulted: one acquisition of the store lock.
+        let conflict = self.tlb_insert_walk(batch.entries(), r.as_ref().ok(), ctx, gen0);
+        if conflict {
+            // IHI0070 3.20.1: the lookup would match more than one entry (tables changed
+            // without break-before-make and invalidation): the transaction aborts with
+            // F_TLB_CONFLICT and the new entry is not cached.
+            return Err(Fail::Fault(XFault::config(EventType::FTlbConflict)));
         }
-        // The stage-2 entries of the walk (and its combined entry) go in together, also
-        // when a later step faulted: one acquisition of the store lock for all of them.
-        self.tlb_insert_all(batch.entries(), gen0);
         r
+    }
+
+    /// Inserts a walk's stage-2 `entries`, then its final entry unless that conflicts
+    /// with entries already cached (returns true then); nothing if an invalidation ran
+    /// since `gen0`. Under one acquisition of the store lock.
+    fn tlb_insert_walk<'a>(
+        &self,
+        entries: impl IntoIterator<Item = &'a TlbEntry>,
+        last: Option<&TlbEntry>,
+        tag: Ctx,
+        gen0: u64,
+    ) -> bool {
+        let mut entries = entries.into_iter().peekable();
+        if entries.peek().is_none() && last.is_none() {
+            return false;
+        }
+        let mut t = self.tlb.lock();
+        if self.tlb_gen.load(Ordering::Acquire) != gen0 {
+            return false;
+        }
+        let generation = self.ctx_gen.load(Ordering::Acquire);
+        for e in entries {
+            self.insert_locked(&mut t, e, generation);
+        }
+        let Some(e) = last else {
+            return false;
+        };
+        // A lookup of an ASID-tagged context (`tag`) also matches its global twin: a new
+        // entry conflicts with entries of the other one too.
+        let twin = if e.ctx != tag {
+            Some(tag)
+        } else {
+            tag.asid().map(|_| tag.global())
+        };
+        if t.conflicts(e, twin) {
+            return true;
+        }
+        self.insert_locked(&mut t, e, generation);
+        false
     }
 
     /// [`Smmu::s1_walk`] before the insertion: the entries it makes go into `batch`.
@@ -1704,7 +1814,7 @@ struct Slow {
 /// The TLB tag of a stage-1 (or nested) stream's entries. IHI0070 3.17: NS-EL1 entries
 /// carry the VMID and (non-global) the ASID; EL2-E2H entries the ASID only; EL2 entries
 /// neither, nor an ASET (permitted, not required).
-fn s1_tag(sel: &S1Sel, nested: bool, vmid: u16) -> Ctx {
+pub(crate) fn s1_tag(sel: &S1Sel, nested: bool, vmid: u16) -> Ctx {
     let kind = if nested { Kind::Nested } else { Kind::S1 };
     let (vm, asid, aset) = match sel.world {
         World::NsEl1 => (vmid, Some(sel.cd.asid), sel.cd.aset),
@@ -1712,6 +1822,19 @@ fn s1_tag(sel: &S1Sel, nested: bool, vmid: u16) -> Ctx {
         World::El2E2h => (0, Some(sel.cd.asid), sel.cd.aset),
     };
     Ctx::new(sel.world, kind, vm, asid, aset)
+}
+
+/// A fingerprint of an STE's 64 bytes with CONT (dword 1 bits \[16:13\]) cleared: equal
+/// for STEs that are identical in the sense of STE.CONT. A collision only hides a conflict,
+/// which an implementation need not detect (IHI0070 3.20.2).
+fn ste_fingerprint(d: &[u64; 8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    for (i, w) in d.iter().enumerate() {
+        let w = if i == 1 { w & !(0xf << 13) } else { *w };
+        w.hash(&mut h);
+    }
+    h.finish()
 }
 
 fn terminated(s: &Stalled, t: Termination) -> StallResult {

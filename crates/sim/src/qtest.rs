@@ -1,7 +1,9 @@
 //! `twinmmu qtest [--config FILE] [SCRIPT]`: drive the SMMU model from any language with
-//! QEMU's qtest line protocol (memory and MMIO), plus `dma`, `dmaread`, `dmawrite`, `tlbi`
-//! and `stats`. One answer line per command; `#` starts a comment; a malformed line
-//! answers `ERR <message>` and the session goes on.
+//! QEMU's qtest line protocol (memory and MMIO), plus `dma`, `dmaread`, `dmawrite` (with a
+//! `translated` flag for PCIe ATS Translated transactions), `ats` (an ATS Translation
+//! Request), `pagehint` (a speculative page request hint), `tlbi` and `stats`. One answer
+//! line per command; `#` starts a comment; a malformed line answers `ERR <message>` and
+//! the session goes on.
 //!
 //! The SMMU's two register pages are mapped at `smmu_base` (default 0x09050000, as QEMU's
 //! virt machine) and RAM at `ram_base` (default 1 GiB at 0x40000000); any other address is
@@ -17,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use twinmmu_hw::cmd::TlbiRange;
 use twinmmu_hw::regs::MMIO_SIZE;
 use twinmmu_hw::{
-    AccessKind, DmaError, Outcome, PhysMem, Smmu, SmmuConfig, SparseMem, Tlbi, TlbiOp, Transaction,
+    AccessKind, AtsCompletion, AtsRequest, DmaError, Outcome, PageRequestHint, PhysMem, Smmu,
+    SmmuConfig, SparseMem, Tlbi, TlbiOp, Transaction,
 };
 
 #[derive(clap::Args)]
@@ -255,9 +258,14 @@ impl Session {
                     "x" => AccessKind::Execute,
                     o => return Err(format!("ACCESS must be r, w or x, not '{o}'")),
                 };
-                let privileged = self.privileged(w, 5)?;
-                let t = Transaction::new(sid, ssid, iova, kind, privileged);
-                Ok(match self.smmu.translate(t) {
+                let f = flags(w, 5, ssid)?;
+                let o = if f.translated {
+                    self.smmu.translated(sid, iova, kind)
+                } else {
+                    self.smmu
+                        .translate(Transaction::new(sid, ssid, iova, kind, f.privileged))
+                };
+                Ok(match o {
                     Outcome::Translated { pa } => format!("OK 0x{pa:016x}"),
                     Outcome::Fault { event, .. } => format!("FAULT {}", event.name()),
                     Outcome::Abort => "ABORT".into(),
@@ -271,26 +279,114 @@ impl Session {
                 if size > MAX_READ {
                     return Err(format!("SIZE above {MAX_READ}"));
                 }
-                let privileged = self.privileged(w, 5)?;
+                let f = flags(w, 5, ssid)?;
                 let mut b = vec![0u8; size as usize];
-                Ok(
-                    match self.smmu.dma_read(sid, ssid, iova, &mut b, privileged) {
-                        Ok(()) => format!("OK {}", to_hex(&b)),
-                        Err(e) => dma_error(e),
-                    },
-                )
+                let r = if f.translated {
+                    self.smmu.dma_read_translated(sid, iova, &mut b)
+                } else {
+                    self.smmu.dma_read(sid, ssid, iova, &mut b, f.privileged)
+                };
+                Ok(match r {
+                    Ok(()) => format!("OK {}", to_hex(&b)),
+                    Err(e) => dma_error(e),
+                })
             }
             "dmawrite" => {
                 let (sid, ssid) = self.stream(w)?;
                 let iova = num(arg(w, 3, "IOVA")?)?;
                 let data = hex_bytes(arg(w, 4, "DATA")?)?;
-                let privileged = self.privileged(w, 5)?;
-                Ok(
-                    match self.smmu.dma_write(sid, ssid, iova, &data, privileged) {
-                        Ok(()) => "OK".into(),
-                        Err(e) => dma_error(e),
-                    },
-                )
+                let f = flags(w, 5, ssid)?;
+                let r = if f.translated {
+                    self.smmu.dma_write_translated(sid, iova, &data)
+                } else {
+                    self.smmu.dma_write(sid, ssid, iova, &data, f.privileged)
+                };
+                Ok(match r {
+                    Ok(()) => "OK".into(),
+                    Err(e) => dma_error(e),
+                })
+            }
+            "ats" => {
+                let (sid, ssid) = self.stream(w)?;
+                let addr = num(arg(w, 3, "IOVA")?)?;
+                let access = arg(w, 4, "ACCESS")?;
+                if access.is_empty() || !access.chars().all(|c| matches!(c, 'r' | 'w' | 'x')) {
+                    return Err(format!(
+                        "ACCESS must be letters from r, w, x, not '{access}'"
+                    ));
+                }
+                let privileged = match w.get(5) {
+                    None => false,
+                    Some(&"priv") => true,
+                    Some(o) => return Err(format!("expected 'priv', got '{o}'")),
+                };
+                if w.len() > 6 {
+                    return Err(format!("unexpected '{}'", w[6]));
+                }
+                if ssid.is_none() && (privileged || access.contains('x')) {
+                    return Err("Exe and Priv travel in the PASID prefix: give an SSID".into());
+                }
+                let req = AtsRequest {
+                    sid,
+                    ssid,
+                    addr,
+                    no_write: !access.contains('w'),
+                    exec: access.contains('x'),
+                    privileged,
+                };
+                Ok(match self.smmu.ats_translation_request(&req) {
+                    AtsCompletion::Success(t) => {
+                        let perm: String = [
+                            if t.read { 'r' } else { '-' },
+                            if t.write { 'w' } else { '-' },
+                            if t.exec { 'x' } else { '-' },
+                            if t.privileged { 'p' } else { 'u' },
+                        ]
+                        .iter()
+                        .collect();
+                        format!("OK 0x{:016x} {perm} 0x{:x}", t.addr, t.size)
+                    }
+                    AtsCompletion::UnsupportedRequest { event: Some(e), .. } => {
+                        format!("FAULT {}", e.name())
+                    }
+                    AtsCompletion::UnsupportedRequest { event: None, .. } => "ABORT".into(),
+                    AtsCompletion::CompleterAbort { cause } => format!("FAULT {}", cause.name()),
+                })
+            }
+            "pagehint" => {
+                let (sid, ssid) = self.stream(w)?;
+                let addr = num(arg(w, 3, "ADDR")?)?;
+                let span = u8::try_from(num(arg(w, 4, "SPAN")?)?)
+                    .map_err(|_| "SPAN above 255 pages".to_string())?;
+                let mut h = PageRequestHint {
+                    sid,
+                    ssid,
+                    addr,
+                    span,
+                    ..PageRequestHint::default()
+                };
+                let list = arg(w, 5, "FLAGS")?;
+                if list != "-" {
+                    for f in list.split(',') {
+                        match f {
+                            "pr" => h.priv_read = true,
+                            "pw" => h.priv_write = true,
+                            "px" => h.priv_exec = true,
+                            "ur" => h.user_read = true,
+                            "uw" => h.user_write = true,
+                            "ux" => h.user_exec = true,
+                            o => return Err(format!("unknown flag '{o}' (pr pw px ur uw ux)")),
+                        }
+                    }
+                }
+                if w.len() > 6 {
+                    return Err(format!("unexpected '{}'", w[6]));
+                }
+                Ok(if self.smmu.page_request_hint(&h) {
+                    "OK recorded".into()
+                } else {
+                    "OK dropped".into()
+                })
             }
             "tlbi" => {
                 let op = TlbiOp::from_name(arg(w, 1, "OP")?)
@@ -359,14 +455,32 @@ impl Session {
         };
         Ok((sid, ssid))
     }
+}
 
-    fn privileged(&self, w: &[&str], i: usize) -> Result<bool, String> {
-        match w.get(i) {
-            None => Ok(false),
-            Some(&"priv") => Ok(true),
-            Some(o) => Err(format!("expected 'priv', got '{o}'")),
+/// The optional words after a DMA's fixed arguments.
+struct Flags {
+    privileged: bool,
+    translated: bool,
+}
+
+fn flags(w: &[&str], from: usize, ssid: Option<u32>) -> Result<Flags, String> {
+    let mut f = Flags {
+        privileged: false,
+        translated: false,
+    };
+    for word in w.iter().skip(from) {
+        match *word {
+            "priv" if !f.privileged => f.privileged = true,
+            "translated" if !f.translated => f.translated = true,
+            o => return Err(format!("expected 'priv' or 'translated', got '{o}'")),
         }
     }
+    // IDR3.PASIDTT = 0: a Translated transaction is Data, unprivileged, with no PASID
+    // (IHI0070 3.9.1.3).
+    if f.translated && (f.privileged || ssid.is_some()) {
+        return Err("a translated transaction carries no PASID: SSID '-' and no 'priv'".into());
+    }
+    Ok(f)
 }
 
 fn dma_error(e: DmaError) -> String {

@@ -256,3 +256,120 @@ tlbi VAAE2IS
         "addr defaults to 0"
     );
 }
+
+/// The example script's set-up (tables, CD, STE 1, queues, SMMUEN), with STE 1's EATS
+/// set to Full ATS.
+fn ats_setup() -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/qtest-s1-dma.qtest"
+    );
+    let script = std::fs::read_to_string(path).unwrap();
+    let end = script.find("# Translate, then move bytes").unwrap();
+    // STE 1 dword 1: EATS[29:28] = 0b01.
+    format!("writeq 0x40000048 0x10000000\n{}", &script[..end])
+}
+
+#[test]
+fn ats_requests_translated_traffic_and_page_hints_from_qtest() {
+    let script = format!(
+        "{}\
+ats 1 - 0x80001234 rw
+ats 1 - 0x90000000 r
+dma 1 - 0x40100008 r translated
+writel 0x40100000 0xcafef00d
+dmaread 1 - 0x40100000 4 translated
+writel 0x09050020 0x1d
+readl 0x09050024
+dmawrite 1 - 0x40100004 0x0102 translated
+read 0x40100004 2
+writeq 0x40000080 0x9
+writeq 0x40000088 0x10000000
+ats 2 - 0x1000 r
+dma 2 - 0x1000 w translated
+pagehint 1 - 0x80001000 4 pr,ur
+pagehint 1 - 0x80001000 0 -
+readl 0x090600a8
+readq 0x40020000
+readq 0x40020008
+readq 0x40020020
+readq 0x40020030
+readq 0x40020040
+readq 0x40020048
+readq 0x40020050
+",
+        ats_setup()
+    );
+    let cfg = "[smmu]\nats = true\n";
+    let a = run(&script, Some(cfg));
+    let n = a.len();
+    let tail: Vec<&str> = a[n - 23..].iter().map(String::as_str).collect();
+    assert_eq!(
+        tail,
+        [
+            // R/W page: PA of the page, rw, unprivileged, one 4 KiB region.
+            "OK 0x0000000040100000 rw-u 0x1000",
+            // Unmapped: Success with no access (no event).
+            "OK 0x0000000000000000 ---u 0x1000",
+            // ATSCHK = 0: Translated traffic passes as a PA.
+            "OK 0x0000000040100008",
+            "OK",
+            "OK 0x0df0feca",
+            "OK",
+            "OK 0x000000000000001d",
+            // ATSCHK = 1 and EATS = Full: still passes.
+            "OK",
+            "OK 0x0102",
+            "OK",
+            "OK",
+            // A bypass STE: ATS is disabled for it.
+            "FAULT F_BAD_ATS_TREQ",
+            "FAULT F_TRANSL_FORBIDDEN",
+            "OK recorded",
+            "OK dropped",
+            // Three records.
+            "OK 0x0000000000000003",
+            // F_BAD_ATS_TREQ for StreamID 2: R, W = !NW = 0, Span 1; InputAddr[63:12].
+            "OK 0x0000000200000005",
+            "OK 0x0000000080000001",
+            // F_TRANSL_FORBIDDEN for StreamID 2: RnW = 0 (write), InputAddr.
+            "OK 0x0000000200000007",
+            "OK 0x0000000000001000",
+            // E_PAGE_REQUEST for StreamID 1: pR (39), uR (36), Span 4 (51:44).
+            "OK 0x0000000100000024",
+            "OK 0x0000409000000000",
+            "OK 0x0000000080001000",
+        ]
+    );
+    assert!(a.iter().all(|l| !l.starts_with("ERR")), "{a:?}");
+}
+
+#[test]
+fn ats_commands_without_ats_and_malformed_ones() {
+    let script = "\
+ats 1 - 0x1000 r
+dma 1 - 0x1000 r translated
+ats 1 - 0x1000 q
+ats 1 - 0x1000 x
+ats 1 - 0x1000 r priv
+ats 1 - 0x1000 r priv extra
+dma 1 3 0x1000 r translated
+dma 1 - 0x1000 r translated priv
+dma 1 - 0x1000 r bogus
+dmaread 1 - 0x1000 4 translated translated
+pagehint 1 - 0 300 pr
+pagehint 1 - 0 1 zz
+pagehint 1 - 0 1
+dma 1 - 0x1000 r
+";
+    let a = run(script, None);
+    assert_eq!(a.len(), 14, "{a:?}");
+    // No ATS interface: a Translation Request gets UR with no event.
+    assert_eq!(a[0], "ABORT");
+    // A Translated transaction is an unsupported upstream transaction.
+    assert_eq!(a[1], "FAULT F_UUT");
+    for (i, line) in a.iter().enumerate().take(13).skip(2) {
+        assert!(line.starts_with("ERR "), "line {i}: {line}");
+    }
+    assert_eq!(a[13], "OK 0x0000000000001000");
+}

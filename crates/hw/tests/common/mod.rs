@@ -9,7 +9,10 @@ use twinmmu_hw::cmd::{CmdqEntry, build};
 use twinmmu_hw::regs::{PAGE1, off};
 use twinmmu_hw::ste::{L1Std, Ste, SteDw0, SteDw1, SteDw2, SteDw3};
 use twinmmu_hw::{PhysMem, Smmu, SmmuConfig, SparseMem};
-use twinmmu_vmsa::{BumpAllocator, Granule, PaSize, TableBuilder, TableFormat};
+use twinmmu_vmsa::{
+    BumpAllocator, Granule, MemError, Memory, MemoryMut, PaSize, S2LeafAttrs, TableBuilder,
+    TableFormat,
+};
 
 pub const RAM: u64 = 0x4000_0000;
 pub const RAM_SIZE: u64 = 0x1000_0000;
@@ -264,4 +267,42 @@ pub fn urw() -> u64 {
         ..twinmmu_vmsa::S1LeafAttrs::rw()
     }
     .bits()
+}
+
+/// Stage-1 table memory addressed by IPA: IPA_BASE + x → RAM + x.
+pub struct Ipa<'a>(pub &'a SparseMem);
+pub const IPA_BASE: u64 = 0x80_0000_0000;
+impl Memory for Ipa<'_> {
+    fn read_u64(&self, ipa: u64) -> Result<u64, MemError> {
+        Memory::read_u64(self.0, ipa - IPA_BASE + RAM)
+    }
+}
+impl MemoryMut for Ipa<'_> {
+    fn write_u64(&self, ipa: u64, v: u64) -> Result<(), MemError> {
+        MemoryMut::write_u64(self.0, ipa - IPA_BASE + RAM, v)
+    }
+}
+
+/// A nested stream's STE (not installed): stage 2 (VMID 11, S2R) maps IPA_BASE.. to RAM
+/// (256 MiB), stage 1 (CD at the IPA of CDS, ASID 5) maps `iova`..+16K to the IPA of DATA.
+pub fn nested_stream(m: &mut Machine, iova: u64) -> Ste {
+    let mem = m.mem.clone();
+    let mut s2 = s2_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 40, 1);
+    s2.map(IPA_BASE, RAM, RAM_SIZE, S2LeafAttrs::rw().bits())
+        .unwrap();
+    let s2_root = s2.root();
+    drop(s2);
+    let tables_ipa = IPA_BASE + (TABLES - RAM) + 0x800_0000;
+    let fmt = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
+    let mut s1 =
+        TableBuilder::new(fmt, Ipa(&m.mem), BumpAllocator::new(tables_ipa, 0x40_0000)).unwrap();
+    s1.map(iova, IPA_BASE + (DATA - RAM), 0x4000, urw())
+        .unwrap();
+    m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, s1.root(), 5));
+    let mut ste = s2_ste(Granule::Size4K, 40, 1, s2_root, 11);
+    ste.dw0 = SteDw0::new()
+        .with_v(true)
+        .with_config(0b111)
+        .with_s1_context_ptr((IPA_BASE + (CDS - RAM)) >> 6);
+    ste
 }
