@@ -46,6 +46,9 @@ pub struct SmmuConfig {
     pub hyp: bool,
     /// IDR0.ATS: PCIe ATS (CMD_ATC_INV).
     pub ats: bool,
+    /// IDR1.ATTR_PERMS_OVR: STE.PRIVCFG/INSTCFG override the incoming attributes; without
+    /// it they are effectively "use incoming" (IHI0070 6.3.2, 5.2).
+    pub attr_perms_ovr: bool,
     /// IDR0.NS1ATS: true = Split-stage ATS (STE.EATS = 0b10) is *not* implemented
     /// (IHI0070 6.3.1, 5.2 EATS).
     pub ns1ats: bool,
@@ -115,6 +118,7 @@ impl Default for SmmuConfig {
             hyp: true,
             ats: false,
             ns1ats: false,
+            attr_perms_ovr: true,
             pri: false,
             msi: true,
             sev: true,
@@ -260,6 +264,7 @@ impl SmmuConfig {
             .with_priqs(if self.pri { self.priqs } else { 0 })
             .with_eventqs(self.eventqs)
             .with_cmdqs(self.cmdqs)
+            .with_attr_perms_ovr(self.attr_perms_ovr)
     }
 
     pub fn idr3(&self) -> Idr3 {

@@ -349,8 +349,15 @@ pub fn decode_ste(ste: &Ste, c: &SmmuConfig) -> Result<StreamConfig, BadSte> {
     if (s1_en && !c.s1p) || (s2_en && !c.s2p) {
         return Err(BadSte::UnsupportedStage);
     }
-    let privcfg = AttrOverride::from_cfg(d1.privcfg());
-    let instcfg = AttrOverride::from_cfg(d1.instcfg());
+    // Without IDR1.ATTR_PERMS_OVR the override fields act as "use incoming" (IHI0070 5.2).
+    let (privcfg, instcfg) = if c.attr_perms_ovr {
+        (
+            AttrOverride::from_cfg(d1.privcfg()),
+            AttrOverride::from_cfg(d1.instcfg()),
+        )
+    } else {
+        (AttrOverride::Incoming, AttrOverride::Incoming)
+    };
     if !s1_en && !s2_en {
         return Ok(StreamConfig::Bypass { privcfg, instcfg });
     }
@@ -646,6 +653,20 @@ mod tests {
             Ok(StreamConfig::Bypass {
                 privcfg: AttrOverride::Force(true),
                 instcfg: AttrOverride::Force(false)
+            })
+        );
+        // Without IDR1.ATTR_PERMS_OVR the same STE uses the incoming attributes.
+        let plain = SmmuConfig {
+            attr_perms_ovr: false,
+            ..SmmuConfig::default()
+        };
+        assert_eq!(plain.idr1().into_bits() & (1 << 26), 0);
+        assert_ne!(c.idr1().into_bits() & (1 << 26), 0);
+        assert_eq!(
+            decode_ste(&s, &plain),
+            Ok(StreamConfig::Bypass {
+                privcfg: AttrOverride::Incoming,
+                instcfg: AttrOverride::Incoming
             })
         );
     }
