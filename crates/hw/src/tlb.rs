@@ -508,11 +508,16 @@ impl Tlb {
     pub fn conflicts(&self, e: &TlbEntry, twin: Option<Ctx>) -> bool {
         let end = e.in_base.saturating_add(e.size() - 1);
         let overlapping = |c: &CtxTlb, own: bool| {
-            // Entries based inside the span (smaller ones, or the same base at another size).
-            let inside = c
-                .by_addr
-                .range(e.in_base..=end)
-                .any(|(&k, _)| !own || k != (e.in_base | u64::from(e.shift)));
+            // Entries based inside the span: smaller ones, or (twin only) one of the same
+            // size and base; in its own context that one is the entry `e` replaces. The
+            // ordered range query runs only when such sizes are cached (the common case,
+            // one page size per context, pays one bit test).
+            let at_or_below = (2u64 << e.shift) - 1;
+            let below = at_or_below & !(1u64 << e.shift);
+            let inside = c.sizes & if own { below } else { at_or_below } != 0
+                && c.by_addr
+                    .range(e.in_base..=end)
+                    .any(|(&k, _)| !own || k != (e.in_base | u64::from(e.shift)));
             // Larger entries covering the span's base.
             let mut larger = c.sizes & !((2u64 << e.shift) - 1);
             let mut covering = false;
