@@ -25,11 +25,11 @@ use twinmmu_vmsa::{Access, AccessKind};
 
 use crate::event::{Event, EventDetail, EventType, FaultClass};
 use crate::smmu::Smmu;
-use crate::ste::{AttrOverride, Eats, StreamConfig, StreamWorld};
+use crate::ste::{AttrOverride, Eats, StreamConfig};
 use crate::tlb::{EntryPerms, World};
 use crate::xlate::{
     DmaError, Fail, Outcome, PendingOp, S1Sel, Termination, Transaction, XFault, perms_allow,
-    s1_tag,
+    s1_tag, tlb_world,
 };
 
 /// An ATS Translation Request as the Root Complex presents it (PCIe ATS; IHI0070 3.9.1).
@@ -256,19 +256,9 @@ impl Smmu {
                         Ok(cd) => cd,
                         Err(f) => return ca(f),
                     };
-                    let world = match s1c.world {
-                        StreamWorld::NsEl1 => World::NsEl1,
-                        StreamWorld::El2 | StreamWorld::El2E2h => {
-                            if live.cr2.e2h() {
-                                World::El2E2h
-                            } else {
-                                World::El2
-                            }
-                        }
-                    };
                     Some(S1Sel {
                         cd,
-                        world,
+                        world: tlb_world(s1c.world, &live),
                         stalld: s1c.stalld,
                     })
                 }

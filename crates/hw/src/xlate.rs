@@ -307,6 +307,16 @@ impl S2Hit {
     }
 }
 
+/// The TLB world of a stream's stage-1 translations: STRW = EL2 is EL2&0 (two VA ranges
+/// and an ASID) when CR2.E2H is set (IHI0070 5.2 STRW, 6.3.12).
+pub(crate) fn tlb_world(w: StreamWorld, live: &Live) -> World {
+    match w {
+        StreamWorld::NsEl1 => World::NsEl1,
+        StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => World::El2E2h,
+        StreamWorld::El2 | StreamWorld::El2E2h => World::El2,
+    }
+}
+
 /// Stage-1 context of a stream after CD selection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct S1Sel {
@@ -905,19 +915,9 @@ impl Smmu {
                         }
                         _ => self.cd_config(txn, &live, &s1, s2.as_ref(), idx)?,
                     };
-                    let world = match s1.world {
-                        StreamWorld::NsEl1 => World::NsEl1,
-                        StreamWorld::El2 | StreamWorld::El2E2h => {
-                            if live.cr2.e2h() {
-                                World::El2E2h
-                            } else {
-                                World::El2
-                            }
-                        }
-                    };
                     Some(S1Sel {
                         cd,
-                        world,
+                        world: tlb_world(s1.world, &live),
                         stalld: s1.stalld,
                     })
                 }
