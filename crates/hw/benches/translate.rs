@@ -40,7 +40,9 @@ fn s1_machine(tlb_capacity: usize) -> Machine {
     m
 }
 
-fn nested_machine(tlb_capacity: usize) -> Machine {
+/// A nested machine: stream SID + k (k < `streams`) uses VMID 3 + k over the same stage-2
+/// and stage-1 tables.
+fn nested_machine(tlb_capacity: usize, streams: u32) -> Machine {
     let mut m = Machine::new(SmmuConfig {
         tlb_capacity,
         ..SmmuConfig::default()
@@ -65,14 +67,20 @@ fn nested_machine(tlb_capacity: usize) -> Machine {
     let mut s1 = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
     s1.map(IOVA, DATA, 4096 * 0x1000, urw()).unwrap();
     m.write_cd(CDS, &s1_cd(Granule::Size4K, 48, s1.root(), 1));
-    let mut ste = s2_ste(Granule::Size4K, 48, 0, s2root, 3);
-    ste.dw0 = SteDw0::new()
-        .with_v(true)
-        .with_config(0b111)
-        .with_s1_context_ptr(CDS >> 6);
-    m.set_ste(SID, &ste);
+    for k in 0..streams {
+        let mut ste = s2_ste(Granule::Size4K, 48, 0, s2root, 3 + k as u16);
+        ste.dw0 = SteDw0::new()
+            .with_v(true)
+            .with_config(0b111)
+            .with_s1_context_ptr(CDS >> 6);
+        m.set_ste(SID + k, &ste);
+    }
     m
 }
+
+/// Streams of the cold nested benchmark: SID + k uses VMID 3 + k over the same tables, so
+/// the first translation of each stream after an ALLE1IS finds nothing of its VMID cached.
+const COLD_STREAMS: u32 = 64;
 
 fn txn(i: u64) -> Transaction {
     Transaction::new(
@@ -291,7 +299,7 @@ fn main() {
     {
         // TLB capacity 1: every translation walks completely (config cached).
         let s1 = s1_machine(1);
-        let nested = nested_machine(1);
+        let nested = nested_machine(1, 1);
         let mut g = c.benchmark_group("miss");
         let mut i = 0u64;
         g.bench_function("s1_4level", |b| {
@@ -325,7 +333,7 @@ fn main() {
         // QEMU, and as a TCU's S2 TLB / walk caches would). Each timed batch translates 64
         // distinct VAs; between batches (untimed) a VMALLE1IS broadcast removes the
         // combined entries of the VMID and leaves its S2 entries.
-        let warm = nested_machine(16384);
+        let warm = nested_machine(16384, 1);
         for k in 0..4096u64 {
             pa_of(warm.smmu.translate(Transaction::new(
                 SID,
@@ -363,7 +371,43 @@ fn main() {
                 t
             })
         });
+        // The cold nested miss without evictions: a TLB with room, each translation the
+        // first of its VMID since the last ALLE1IS (untimed, between batches), so all 24
+        // descriptors are read and all 6 entries inserted, none evicted.
+        let cold = nested_machine(16384, COLD_STREAMS);
+        let mut va_k = 0u64;
+        g.bench_function("nested_4x4_cold", |b| {
+            b.iter_custom(|iters| {
+                let mut t = Duration::ZERO;
+                let mut done = 0u64;
+                while done < iters {
+                    let n = (iters - done).min(u64::from(COLD_STREAMS));
+                    va_k = va_k.wrapping_add(1);
+                    let va = IOVA + (va_k % 4096) * 0x1000;
+                    let s = Instant::now();
+                    for k in 0..n {
+                        black_box(pa_of(cold.smmu.translate(Transaction::new(
+                            SID + k as u32,
+                            None,
+                            va,
+                            AccessKind::Read,
+                            false,
+                        ))));
+                    }
+                    t += s.elapsed();
+                    cold.smmu.broadcast(Tlbi::new(TlbiOp::Alle1is, 0));
+                    done += n;
+                }
+                t
+            })
+        });
         g.finish();
+        let cs = cold.smmu.stats();
+        println!(
+            "cold nested miss with room: {:.1} descriptor reads and {:.2} evictions per translation",
+            cs.desc_reads.iter().flatten().sum::<u64>() as f64 / cs.translations.max(1) as f64,
+            cs.tlb_evictions as f64 / cs.translations.max(1) as f64
+        );
         let after = warm.smmu.stats();
         let n = after.translations - before.translations;
         let reads = |s: &twinmmu_hw::SmmuStats| -> [u64; 2] {
@@ -573,8 +617,12 @@ fn main() {
     Report::new("SMMU misses (config cached)")
         .median("S1 4-level miss, TLB capacity 1", "miss/s1_4level")
         .median(
-            "nested 4+4 miss, TLB capacity 1 (cold: 24 reads)",
+            "nested 4+4 miss, TLB capacity 1 (cold: 24 reads, 6 evictions)",
             "miss/nested_4x4",
+        )
+        .median(
+            "nested 4+4 miss, cold, TLB with room (24 reads, 6 inserts)",
+            "miss/nested_4x4_cold",
         )
         .median(
             "nested 4+4 miss, S2 entries warm (4 S1 reads)",
@@ -589,6 +637,12 @@ fn main() {
         .ratio(
             "cold nested miss / main-TLB hit",
             "miss/nested_4x4",
+            "hit/main",
+            Some(25.0),
+        )
+        .ratio(
+            "cold nested miss (room) / main-TLB hit",
+            "miss/nested_4x4_cold",
             "hit/main",
             Some(25.0),
         )
