@@ -456,11 +456,6 @@ impl std::fmt::Debug for ArmNestedDomain {
 }
 
 impl ArmNestedDomain {
-    /// The validated guest STE words.
-    pub fn guest_ste(&self) -> [u64; 2] {
-        self.vste
-    }
-
     pub fn vsmmu(&self) -> &Arc<VSmmu> {
         &self.vsmmu
     }

@@ -1128,11 +1128,6 @@ impl Iommufd {
         }
     }
 
-    /// Whether two handles refer to the same context.
-    pub fn same_context(&self, other: &Iommufd) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
-    }
-
     /// IOMMU_DESTROY (§3.1, §4.3): ENOENT unless a live object; EBUSY while used.
     pub fn destroy(&self, id: ObjectId) -> Result<(), Errno> {
         let mut c = self.inner.ctx.lock();
@@ -2548,12 +2543,6 @@ impl Iommufd {
     pub fn device_handle(&self, dev_id: ObjectId) -> Result<Arc<dyn IommuDevice>, Errno> {
         let c = self.inner.ctx.lock();
         c.device(dev_id).map(|d| Arc::clone(&d.dev))
-    }
-
-    /// The vDEVICE of a device, if any.
-    pub fn device_vdevice(&self, dev_id: ObjectId) -> Result<Option<ObjectId>, Errno> {
-        let c = self.inner.ctx.lock();
-        c.device(dev_id).map(|d| d.vdevice)
     }
 
     /// Whether a HWPT_PAGING is an auto domain.
