@@ -2593,24 +2593,7 @@ mod iommufd_viommu {
             let (d, _) = f.env.mock_domain(ioas_id, 0).unwrap();
             f.stdev_id = d.stdev_id;
             f.device_id = d.dev_id;
-            f.hwpt_id = c
-                .hwpt_alloc(
-                    hwpt_flags::NEST_PARENT,
-                    d.dev_id,
-                    ioas_id,
-                    &mut none_data(),
-                    z,
-                )
-                .unwrap();
-            f.viommu_id = c
-                .viommu_alloc(
-                    0,
-                    IOMMU_VIOMMU_TYPE_SELFTEST,
-                    d.dev_id,
-                    f.hwpt_id,
-                    &mut none_data(),
-                )
-                .unwrap();
+            (f.hwpt_id, f.viommu_id) = f.env.selftest_viommu(d.dev_id, ioas_id);
             let mut b = selftest_data(IOMMU_TEST_IOTLB_DEFAULT);
             f.nested_hwpt_id = c
                 .hwpt_alloc(0, d.dev_id, f.viommu_id, &mut sdata(&mut b), z)
