@@ -75,6 +75,19 @@ impl ArmSmmuV3 {
         }
     }
 
+    /// TLBI commands for every range of `changes`: leaf invalidations for the written
+    /// leaves, non-leaf ones for the freed tables. `false` when any range was too large to
+    /// invalidate by address (see `tlbi_range`); every range is still emitted.
+    fn tlbi_changes(&self, base: u64, changes: &Changes, out: &mut Vec<[u64; 2]>) -> bool {
+        let leaves = changes.leaves.iter().map(|r| (r, true));
+        let tables = changes.tables.iter().map(|r| (r, false));
+        let mut ranged = true;
+        for (r, leaf) in leaves.chain(tables) {
+            ranged &= self.tlbi_range(base, r.start, r.end - r.start, leaf, out);
+        }
+        ranged
+    }
+
     /// TLBI commands for `[iova, iova + size)` with `base` (opcode, VMID, ASID in dword 0)
     /// (`__arm_smmu_tlb_inv_range`). Returns `false` when the range is too large to be
     /// worth invalidating by address (no RIL): the caller invalidates the whole context.
@@ -349,18 +362,7 @@ impl S2Domain {
         let mut cmds = Vec::new();
         for vmid in vmids {
             let base = cmd::OP_TLBI_S2_IPA | defs::prep(cmd::TLBI_0_VMID, u64::from(vmid));
-            let mut ranged = true;
-            for r in &changes.leaves {
-                ranged &= self
-                    .drv
-                    .tlbi_range(base, r.start, r.end - r.start, true, &mut cmds);
-            }
-            for r in &changes.tables {
-                ranged &= self
-                    .drv
-                    .tlbi_range(base, r.start, r.end - r.start, false, &mut cmds);
-            }
-            if !ranged {
+            if !self.drv.tlbi_changes(base, changes, &mut cmds) {
                 // Too many granules without RIL: everything of the VMID (S1 and S2).
                 cmds.push([
                     cmd::OP_TLBI_S12_VMALL | defs::prep(cmd::TLBI_0_VMID, u64::from(vmid)),
@@ -562,18 +564,7 @@ impl S1Domain {
     fn invalidate(&self, changes: &Changes) {
         let (va, all) = self.asid_cmds();
         let mut cmds = Vec::new();
-        let mut ranged = true;
-        for r in &changes.leaves {
-            ranged &= self
-                .drv
-                .tlbi_range(va, r.start, r.end - r.start, true, &mut cmds);
-        }
-        for r in &changes.tables {
-            ranged &= self
-                .drv
-                .tlbi_range(va, r.start, r.end - r.start, false, &mut cmds);
-        }
-        if !ranged {
+        if !self.drv.tlbi_changes(va, changes, &mut cmds) {
             cmds.clear();
             cmds.push([all, 0]);
         }

@@ -8,6 +8,8 @@
 //! which stays with the host. A stalled transaction becomes a page request to the FAULT path
 //! (answered with CMD_RESUME); PRI page requests likewise (answered with CMD_PRI_RESP).
 
+use std::sync::atomic::Ordering;
+
 use twinmmu_iommufd::{PageRequest, PageResponse, fault, veventq_type};
 
 use crate::defs::{self, cmd, evt, priq, q, reg};
@@ -58,37 +60,51 @@ impl ArmSmmuV3 {
     /// Returns the records read.
     pub fn process_events(&self) -> usize {
         let mut qs = self.evtq.lock();
+        let (n, overflowed) =
+            self.drain_queue(&mut qs, reg::EVTQ_PROD, reg::EVTQ_CONS, |e: &[u64; 4]| {
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                let _ = self.handle_event(e);
+            });
+        if overflowed {
+            self.stats.events_overflows.fetch_add(1, Ordering::Relaxed);
+        }
+        n
+    }
+
+    /// Reads the records of an SMMU-written queue between CONS and PROD, each of `N` 64-bit
+    /// words, freeing each slot before handing it to `handle` (`queue_sync_cons_out`).
+    /// Returns the records read and whether the queue had overflowed (records were lost);
+    /// an overflow is acknowledged by copying PROD.OVFLG into CONS.OVACKFLG.
+    fn drain_queue<const N: usize>(
+        &self,
+        qs: &mut OutQueue,
+        prod_reg: u64,
+        cons_reg: u64,
+        mut handle: impl FnMut(&[u64; N]),
+    ) -> (usize, bool) {
         let mask = qs.mask();
         let mut n = 0;
         loop {
-            let prod = self.mmio_r32(reg::EVTQ_PROD);
+            let prod = self.mmio_r32(prod_reg);
             if (prod ^ qs.cons) & mask == 0 {
-                // Overflow: records were lost; acknowledge by matching OVACKFLG.
-                if (u64::from(prod) ^ u64::from(qs.cons)) & q::OVF != 0 {
-                    self.stats
-                        .events_overflows
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let overflowed = (u64::from(prod) ^ u64::from(qs.cons)) & q::OVF != 0;
+                if overflowed {
                     qs.cons = (qs.cons & mask) | (prod & q::OVF as u32);
-                    self.mmio_w32(reg::EVTQ_CONS, qs.cons);
+                    self.mmio_w32(cons_reg, qs.cons);
                 }
-                break;
+                return (n, overflowed);
             }
             let idx = qs.cons & ((1 << qs.log2) - 1);
-            let a = qs.base + u64::from(idx) * 32;
-            let mut e = [0u64; 4];
+            let a = qs.base + u64::from(idx) * 8 * N as u64;
+            let mut e = [0u64; N];
             for (i, w) in e.iter_mut().enumerate() {
                 *w = self.mem.read_u64(a + 8 * i as u64).unwrap_or(0);
             }
             qs.cons = (qs.cons & !mask) | (qs.cons.wrapping_add(1) & mask);
-            // Free the slot before handling (queue_sync_cons_out).
-            self.mmio_w32(reg::EVTQ_CONS, qs.cons);
+            self.mmio_w32(cons_reg, qs.cons);
             n += 1;
-            self.stats
-                .events
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let _ = self.handle_event(&e);
+            handle(&e);
         }
-        n
     }
 
     fn handle_event(&self, e: &[u64; 4]) -> EventDisposition {
@@ -120,9 +136,7 @@ impl ArmSmmuV3 {
         }
         match vm.core.report_event(veventq_type::ARM_SMMUV3, &rec) {
             Ok(()) => {
-                self.stats
-                    .events_forwarded
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.events_forwarded.fetch_add(1, Ordering::Relaxed);
                 EventDisposition::Forwarded
             }
             Err(_) => EventDisposition::Host,
@@ -152,9 +166,7 @@ impl ArmSmmuV3 {
         }
         let stag = defs::get(evt::STAG, e[1]) as u32;
         m.pending_stalls.lock().insert(stag);
-        self.stats
-            .page_requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.page_requests.fetch_add(1, Ordering::Relaxed);
         events.report_page_request(PageRequest {
             flags: fault::FLAG_LAST_PAGE | if ssv { fault::FLAG_PASID_VALID } else { 0 },
             pasid: if ssv {
@@ -176,26 +188,9 @@ impl ArmSmmuV3 {
             return 0;
         };
         let mut qs = pq.lock();
-        let mask = qs.mask();
-        let mut n = 0;
-        loop {
-            let prod = self.mmio_r32(reg::PRIQ_PROD);
-            if (prod ^ qs.cons) & mask == 0 {
-                if (u64::from(prod) ^ u64::from(qs.cons)) & q::OVF != 0 {
-                    qs.cons = (qs.cons & mask) | (prod & q::OVF as u32);
-                    self.mmio_w32(reg::PRIQ_CONS, qs.cons);
-                }
-                break;
-            }
-            let idx = qs.cons & ((1 << qs.log2) - 1);
-            let a = qs.base + u64::from(idx) * 16;
-            let d0 = self.mem.read_u64(a).unwrap_or(0);
-            let d1 = self.mem.read_u64(a + 8).unwrap_or(0);
-            qs.cons = (qs.cons & !mask) | (qs.cons.wrapping_add(1) & mask);
-            self.mmio_w32(reg::PRIQ_CONS, qs.cons);
-            n += 1;
-            self.handle_ppr(d0, d1);
-        }
+        let (n, _) = self.drain_queue(&mut qs, reg::PRIQ_PROD, reg::PRIQ_CONS, |e: &[u64; 2]| {
+            self.handle_ppr(e[0], e[1]);
+        });
         n
     }
 
@@ -224,9 +219,7 @@ impl ArmSmmuV3 {
                 perm |= p;
             }
         }
-        self.stats
-            .page_requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.page_requests.fetch_add(1, Ordering::Relaxed);
         events.report_page_request(PageRequest {
             flags: if last { fault::FLAG_LAST_PAGE } else { 0 }
                 | if ssv { fault::FLAG_PASID_VALID } else { 0 },

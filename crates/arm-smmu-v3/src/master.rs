@@ -221,11 +221,7 @@ impl Master {
                     let s2 = s2.me.upgrade().ok_or(Errno::EINVAL)?;
                     let vmid = s2.own_vmid()?;
                     let ats = self.ats_enabled_for(true);
-                    (
-                        strtab::make_s2_ste(&s2.cfg, vmid, ats),
-                        Attached::S2(s2),
-                        None,
-                    )
+                    (s2.ste(vmid, ats), Attached::S2(s2), None)
                 } else if let Some(s1) = d.as_any().downcast_ref::<S1Domain>() {
                     if !Arc::ptr_eq(&s1.drv, drv) {
                         return Err(Errno::EINVAL);
@@ -235,19 +231,11 @@ impl Master {
                         st.cd_table = Some(CdTable::new(drv)?);
                     }
                     let cdt = st.cd_table.as_ref().ok_or(Errno::ENOMEM)?;
-                    cdt.write_cd(
-                        drv,
-                        self.sid,
-                        &s1.make_cd(self.opts.stall && drv.feat.stall),
-                    )?;
+                    let stall = self.opts.stall && drv.feat.stall;
+                    cdt.write_cd(drv, self.sid, &s1.make_cd(stall))?;
                     let ats = self.ats_enabled_for(true);
                     (
-                        strtab::make_cdtable_ste(
-                            cdt.pa,
-                            drv.feat.e2h,
-                            ats,
-                            self.opts.stall && drv.feat.stall,
-                        ),
+                        strtab::make_cdtable_ste(cdt.pa, drv.feat.e2h, ats, stall),
                         Attached::S1(s1),
                         None,
                     )

@@ -360,14 +360,6 @@ impl Vintf {
         consumed
     }
 
-    pub(crate) fn page(&self) -> u64 {
-        self.page
-    }
-
-    pub(crate) fn mmap_offset(&self) -> u64 {
-        self.mmap_offset
-    }
-
     pub(crate) fn err_map(&self) -> u128 {
         self.err_map
     }
@@ -381,14 +373,6 @@ impl VSmmu {
             Some(v) => v.lock().kick(&self.drv, &self.core),
             None => 0,
         }
-    }
-
-    /// The VINTF page: (host physical address, mmap offset), for a CMDQV vIOMMU.
-    pub fn vintf_page(&self) -> Option<(u64, u64)> {
-        self.vintf.as_ref().map(|v| {
-            let v = v.lock();
-            (v.page(), v.mmap_offset())
-        })
     }
 
     /// LVCMDQ_ERR_MAP of the VINTF (bit per logical queue with a pending error).

@@ -310,12 +310,7 @@ impl Viommu for VSmmu {
             crate::HWPT_ARM_SMMUV3_SIZE,
             crate::HWPT_ARM_SMMUV3_SIZE,
         )?;
-        let le = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&raw[8 * i..8 * i + 8]);
-            u64::from_le_bytes(w)
-        };
-        let (vste, enable_ats) = validate_vste([le(0), le(1)])?;
+        let (vste, enable_ats) = validate_vste(le_words(&raw))?;
         let vsmmu = self.me.upgrade().ok_or(Errno::ENODEV)?;
         Ok(Arc::new_cyclic(|me| ArmNestedDomain {
             me: me.clone(),
@@ -346,12 +341,7 @@ impl Viommu for VSmmu {
         let mut handled = 0u32;
         let mut result = Ok(());
         for raw in &entries {
-            let le = |i: usize| {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(&raw[8 * i..8 * i + 8]);
-                u64::from_le_bytes(w)
-            };
-            match self.convert_user_cmd([le(0), le(1)]) {
+            match self.convert_user_cmd(le_words(raw)) {
                 Ok(c) => batch.push(c),
                 Err(e) => {
                     result = Err(e);
@@ -455,12 +445,17 @@ impl std::fmt::Debug for ArmNestedDomain {
     }
 }
 
-impl ArmNestedDomain {
-    /// The validated guest STE words.
-    pub fn guest_ste(&self) -> [u64; 2] {
-        self.vste
+/// The two little-endian 64-bit words of a 16-byte uAPI struct (`iommu_hwpt_arm_smmuv3`,
+/// `iommu_viommu_arm_smmuv3_invalidate`); bytes the caller did not supply read as zero.
+fn le_words(raw: &[u8]) -> [u64; 2] {
+    let mut w = [[0u8; 8]; 2];
+    for (dst, src) in w.iter_mut().zip(raw.chunks(8)) {
+        dst[..src.len()].copy_from_slice(src);
     }
+    w.map(u64::from_le_bytes)
+}
 
+impl ArmNestedDomain {
     pub fn vsmmu(&self) -> &Arc<VSmmu> {
         &self.vsmmu
     }

@@ -246,6 +246,11 @@ impl Ctx {
         self.ioas.get_mut(&id.0).ok_or(Errno::ENOENT)
     }
 
+    fn paging(&self, id: ObjectId) -> Result<&HwptPaging, Errno> {
+        self.table.check(id, ObjectType::HwptPaging)?;
+        self.hwpt_paging.get(&id.0).ok_or(Errno::ENOENT)
+    }
+
     fn device(&self, id: ObjectId) -> Result<&Device, Errno> {
         self.table.check(id, ObjectType::Device)?;
         self.devices.get(&id.0).ok_or(Errno::ENOENT)
@@ -1128,11 +1133,6 @@ impl Iommufd {
         }
     }
 
-    /// Whether two handles refer to the same context.
-    pub fn same_context(&self, other: &Iommufd) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
-    }
-
     /// IOMMU_DESTROY (§3.1, §4.3): ENOENT unless a live object; EBUSY while used.
     pub fn destroy(&self, id: ObjectId) -> Result<(), Errno> {
         let mut c = self.inner.ctx.lock();
@@ -1757,8 +1757,7 @@ impl Iommufd {
             return Err(Errno::EOPNOTSUPP);
         }
         let mut c = self.inner.ctx.lock();
-        c.table.check(hwpt_id, ObjectType::HwptPaging)?;
-        let h = c.hwpt_paging.get(&hwpt_id.0).ok_or(Errno::ENOENT)?;
+        let h = c.paging(hwpt_id)?;
         if !h.domain.supports_dirty_tracking() {
             return Err(Errno::EOPNOTSUPP);
         }
@@ -1793,8 +1792,7 @@ impl Iommufd {
             return Err(Errno::EOPNOTSUPP);
         }
         let mut c = self.inner.ctx.lock();
-        c.table.check(hwpt_id, ObjectType::HwptPaging)?;
-        let h = c.hwpt_paging.get(&hwpt_id.0).ok_or(Errno::ENOENT)?;
+        let h = c.paging(hwpt_id)?;
         let domain = Arc::clone(&h.domain);
         let ioas_id = h.ioas;
         let ioas = c.ioas_mut(ioas_id)?;
@@ -1933,8 +1931,7 @@ impl Iommufd {
         if !driver.viommu_supported(&dev, viommu_type) {
             return Err(Errno::EOPNOTSUPP);
         }
-        c.table.check(hwpt_id, ObjectType::HwptPaging)?;
-        let parent = c.hwpt_paging.get(&hwpt_id.0).ok_or(Errno::ENOENT)?;
+        let parent = c.paging(hwpt_id)?;
         if !parent.nest_parent {
             return Err(Errno::EINVAL);
         }
@@ -2517,11 +2514,7 @@ impl Iommufd {
     /// The domain of a HWPT_PAGING (ENOENT if not one).
     pub fn paging_domain(&self, hwpt_id: ObjectId) -> Result<Arc<dyn PagingDomain>, Errno> {
         let c = self.inner.ctx.lock();
-        c.table.check(hwpt_id, ObjectType::HwptPaging)?;
-        c.hwpt_paging
-            .get(&hwpt_id.0)
-            .map(|h| Arc::clone(&h.domain))
-            .ok_or(Errno::ENOENT)
+        c.paging(hwpt_id).map(|h| Arc::clone(&h.domain))
     }
 
     /// The domain of a HWPT_NESTED (ENOENT if not one).
@@ -2548,12 +2541,6 @@ impl Iommufd {
     pub fn device_handle(&self, dev_id: ObjectId) -> Result<Arc<dyn IommuDevice>, Errno> {
         let c = self.inner.ctx.lock();
         c.device(dev_id).map(|d| Arc::clone(&d.dev))
-    }
-
-    /// The vDEVICE of a device, if any.
-    pub fn device_vdevice(&self, dev_id: ObjectId) -> Result<Option<ObjectId>, Errno> {
-        let c = self.inner.ctx.lock();
-        c.device(dev_id).map(|d| d.vdevice)
     }
 
     /// Whether a HWPT_PAGING is an auto domain.

@@ -103,21 +103,6 @@ pub enum Domain {
     Nested(Arc<dyn NestedDomain>),
 }
 
-impl Domain {
-    pub fn as_paging(&self) -> Option<&Arc<dyn PagingDomain>> {
-        match self {
-            Domain::Paging(d) => Some(d),
-            Domain::Nested(_) => None,
-        }
-    }
-    pub fn as_nested(&self) -> Option<&Arc<dyn NestedDomain>> {
-        match self {
-            Domain::Nested(d) => Some(d),
-            Domain::Paging(_) => None,
-        }
-    }
-}
-
 /// The result of a driver's `hw_info` (IOMMU_GET_HW_INFO, iommufd.md §3.11).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HwInfo {

@@ -170,11 +170,11 @@ impl Iopt {
     }
 
     fn areas_in(&self, start: u64, last: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let from = self.area_first(start, last).unwrap_or(u64::MAX);
-        let nothing = self.area_first(start, last).is_none();
-        self.areas
-            .range(from..)
-            .take_while(move |(k, _)| !nothing && **k <= last)
+        // The first area may start below `start`, so the range runs from its key.
+        self.area_first(start, last)
+            .filter(|&from| from <= last)
+            .into_iter()
+            .flat_map(move |from| self.areas.range(from..=last))
             .map(|(_, a)| (a.iova, a.last))
     }
 

@@ -898,7 +898,8 @@ pub fn mock_domain(
     Ok((ids, dev))
 }
 
-fn mock_paging(ictx: &Iommufd, hwpt_id: ObjectId) -> Result<Arc<dyn PagingDomain>, Errno> {
+/// The mock paging domain of a HWPT (ENOENT if not HWPT_PAGING, EINVAL if not the mock's).
+pub fn mock_domain_of(ictx: &Iommufd, hwpt_id: ObjectId) -> Result<Arc<dyn PagingDomain>, Errno> {
     let d = ictx.paging_domain(hwpt_id)?;
     if d.as_any().downcast_ref::<MockDomain>().is_none() {
         return Err(Errno::EINVAL);
@@ -922,7 +923,7 @@ pub fn md_check_map(
     {
         return Err(Errno::EINVAL);
     }
-    let d = mock_paging(ictx, hwpt_id)?;
+    let d = mock_domain_of(ictx, hwpt_id)?;
     let mut off = 0;
     while off < length {
         if d.iova_to_phys(iova + off) != Some(pa + off) {
@@ -931,11 +932,6 @@ pub fn md_check_map(
         off += MOCK_IO_PAGE_SIZE;
     }
     Ok(())
-}
-
-/// The mock paging domain of a HWPT (ENOENT if not HWPT_PAGING, EINVAL if not the mock's).
-pub fn mock_domain_of(ictx: &Iommufd, hwpt_id: ObjectId) -> Result<Arc<dyn PagingDomain>, Errno> {
-    mock_paging(ictx, hwpt_id)
 }
 
 /// IOMMU_TEST_OP_DIRTY.
@@ -955,7 +951,7 @@ pub fn dirty(
     {
         return Err(Errno::EINVAL);
     }
-    let d = mock_paging(ictx, hwpt_id)?;
+    let d = ictx.paging_domain(hwpt_id)?;
     let md = d
         .as_any()
         .downcast_ref::<MockDomain>()
@@ -988,23 +984,24 @@ pub fn dev_check_cache(
     idx: u32,
     expected: u32,
 ) -> Result<(), Errno> {
+    with_mock_device(ictx, dev_id, |m| match m.cache(idx) {
+        Some(v) if idx <= MOCK_DEV_CACHE_ID_MAX && v == expected => Ok(()),
+        _ => Err(Errno::EINVAL),
+    })
+}
+
+/// `f` on the mock device behind `dev_id` (ENOENT if none, EINVAL if not the mock's).
+fn with_mock_device<R>(
+    ictx: &Iommufd,
+    dev_id: ObjectId,
+    f: impl FnOnce(&MockDevice) -> Result<R, Errno>,
+) -> Result<R, Errno> {
     let d = ictx.device_handle(dev_id)?;
     let m = d
         .as_any()
         .downcast_ref::<MockDevice>()
         .ok_or(Errno::EINVAL)?;
-    match m.cache(idx) {
-        Some(v) if idx <= MOCK_DEV_CACHE_ID_MAX && v == expected => Ok(()),
-        _ => Err(Errno::EINVAL),
-    }
-}
-
-fn mock_device(ictx: &Iommufd, dev_id: ObjectId) -> Result<Arc<dyn IommuDevice>, Errno> {
-    let d = ictx.device_handle(dev_id)?;
-    if d.as_any().downcast_ref::<MockDevice>().is_none() {
-        return Err(Errno::EINVAL);
-    }
-    Ok(d)
+    f(m)
 }
 
 /// IOMMU_TEST_OP_TRIGGER_IOPF (always succeeds once the device exists).
@@ -1016,20 +1013,15 @@ pub fn trigger_iopf(
     perm: u32,
     addr: u64,
 ) -> Result<(), Errno> {
-    let d = mock_device(ictx, dev_id)?;
-    if let Some(m) = d.as_any().downcast_ref::<MockDevice>() {
+    with_mock_device(ictx, dev_id, |m| {
         m.trigger_iopf(pasid, grpid, perm, addr);
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// IOMMU_TEST_OP_TRIGGER_VEVENT.
 pub fn trigger_vevent(ictx: &Iommufd, dev_id: ObjectId) -> Result<(), Errno> {
-    let d = mock_device(ictx, dev_id)?;
-    d.as_any()
-        .downcast_ref::<MockDevice>()
-        .ok_or(Errno::EINVAL)?
-        .trigger_vevent()
+    with_mock_device(ictx, dev_id, MockDevice::trigger_vevent)
 }
 
 /// The selftest's access (IOMMU_TEST_OP_CREATE_ACCESS): pinned items by id, released by its

@@ -63,9 +63,6 @@ impl IovaRange {
     pub const fn new(start: u64, last: u64) -> Self {
         IovaRange { start, last }
     }
-    pub const fn intersects(&self, start: u64, last: u64) -> bool {
-        self.start <= last && start <= self.last
-    }
 }
 
 /// IOMMU_IOAS_MAP / COPY flags.

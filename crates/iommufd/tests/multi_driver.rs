@@ -206,24 +206,7 @@ fn remaining_errno_paths() {
         Err(Errno::EOVERFLOW)
     );
     let (d, _) = env.mock_domain(ioas, 0).unwrap();
-    let parent = c
-        .hwpt_alloc(
-            hwpt_flags::NEST_PARENT,
-            d.dev_id,
-            ioas,
-            &mut none_data(),
-            ObjectId(0),
-        )
-        .unwrap();
-    let v = c
-        .viommu_alloc(
-            0,
-            mock::IOMMU_VIOMMU_TYPE_SELFTEST,
-            d.dev_id,
-            parent,
-            &mut none_data(),
-        )
-        .unwrap();
+    let (parent, v) = env.selftest_viommu(d.dev_id, ioas);
     // VDEVICE: the device must exist.
     assert_eq!(c.vdevice_alloc(v, ObjectId(999), 1), Err(Errno::ENOENT));
     assert_eq!(c.vdevice_alloc(v, ioas, 1), Err(Errno::ENOENT));

@@ -230,23 +230,7 @@ fn run(ops: &[Op]) {
     env.map_fixed(ioas, BUFFER, BUFFER_SIZE, MOCK_APERTURE_START)
         .unwrap();
     let (d, _) = env.mock_domain(ioas, MOCK_FLAGS_DEVICE_PASID).unwrap();
-    let parent = c
-        .hwpt_alloc(
-            hwpt_flags::NEST_PARENT,
-            d.dev_id,
-            ioas,
-            &mut none_data(),
-            ObjectId(0),
-        )
-        .unwrap();
-    c.viommu_alloc(
-        0,
-        IOMMU_VIOMMU_TYPE_SELFTEST,
-        d.dev_id,
-        parent,
-        &mut none_data(),
-    )
-    .unwrap();
+    env.selftest_viommu(d.dev_id, ioas);
     for op in ops {
         use ObjectType as T;
         let ioas = |s: u32| pick(c, T::Ioas, s);

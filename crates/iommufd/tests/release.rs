@@ -200,24 +200,7 @@ fn events_reported_from_other_threads_are_all_accounted_for() {
     let c = &env.ictx;
     let ioas = env.ioas();
     let (d, _) = env.mock_domain(ioas, 0).unwrap();
-    let parent = c
-        .hwpt_alloc(
-            hwpt_flags::NEST_PARENT,
-            d.dev_id,
-            ioas,
-            &mut none_data(),
-            ObjectId(0),
-        )
-        .unwrap();
-    let v = c
-        .viommu_alloc(
-            0,
-            IOMMU_VIOMMU_TYPE_SELFTEST,
-            d.dev_id,
-            parent,
-            &mut none_data(),
-        )
-        .unwrap();
+    let (_, v) = env.selftest_viommu(d.dev_id, ioas);
     let mut b = selftest_data(0);
     let nested = c
         .hwpt_alloc(0, d.dev_id, v, &mut sdata(&mut b), ObjectId(0))
@@ -300,24 +283,7 @@ fn driver_reports_device_events_with_the_virtual_id() {
     let ioas = env.ioas();
     let (d, _) = env.mock_domain(ioas, 0).unwrap();
     let (d2, _) = env.mock_domain(ioas, 0).unwrap();
-    let parent = c
-        .hwpt_alloc(
-            hwpt_flags::NEST_PARENT,
-            d.dev_id,
-            ioas,
-            &mut none_data(),
-            ObjectId(0),
-        )
-        .unwrap();
-    let v = c
-        .viommu_alloc(
-            0,
-            IOMMU_VIOMMU_TYPE_SELFTEST,
-            d.dev_id,
-            parent,
-            &mut none_data(),
-        )
-        .unwrap();
+    let (_, v) = env.selftest_viommu(d.dev_id, ioas);
     let ops = c.viommu_ops(v).unwrap();
     let core = ops
         .as_any()

@@ -2593,24 +2593,7 @@ mod iommufd_viommu {
             let (d, _) = f.env.mock_domain(ioas_id, 0).unwrap();
             f.stdev_id = d.stdev_id;
             f.device_id = d.dev_id;
-            f.hwpt_id = c
-                .hwpt_alloc(
-                    hwpt_flags::NEST_PARENT,
-                    d.dev_id,
-                    ioas_id,
-                    &mut none_data(),
-                    z,
-                )
-                .unwrap();
-            f.viommu_id = c
-                .viommu_alloc(
-                    0,
-                    IOMMU_VIOMMU_TYPE_SELFTEST,
-                    d.dev_id,
-                    f.hwpt_id,
-                    &mut none_data(),
-                )
-                .unwrap();
+            (f.hwpt_id, f.viommu_id) = f.env.selftest_viommu(d.dev_id, ioas_id);
             let mut b = selftest_data(IOMMU_TEST_IOTLB_DEFAULT);
             f.nested_hwpt_id = c
                 .hwpt_alloc(0, d.dev_id, f.viommu_id, &mut sdata(&mut b), z)
@@ -3017,7 +3000,7 @@ mod iommufd_viommu {
         // Entry longer than the struct with a non-zero tail: E2BIG; a zero tail is fine.
         let mut long = vinv_entry(0, 0x99, 0);
         long.push(1);
-        assert_eq!(run(&[long.clone()], ty, 13), (Err(Errno::E2BIG), 0));
+        assert_eq!(run(&[long], ty, 13), (Err(Errno::E2BIG), 0));
         // Invalid flag.
         assert_eq!(
             run(&[vinv_entry(0xffff_ffff, 0x99, 0)], ty, 12),
@@ -3055,6 +3038,11 @@ mod iommufd_viommu {
             (Err(Errno::EOPNOTSUPP), 1)
         );
         check([0, d, d, d]);
+        // The longer entry with a zero tail is accepted (cache 0 is already invalidated).
+        let mut zero_tail = vinv_entry(0, 0x99, 0);
+        zero_tail.push(0);
+        assert_eq!(run(&[zero_tail], ty, 13), (Ok(()), 1));
+        check([0, d, d, d]);
         // First entry handled, the second has a bad cache_id.
         assert_eq!(
             run(
@@ -3075,7 +3063,6 @@ mod iommufd_viommu {
             (Ok(()), 2)
         );
         check([0; 4]);
-        let _ = long;
         c.destroy(vdev).unwrap();
         // ALL on a fresh device.
         let (d2, _) = f.env.mock_domain(f.ioas_id, 0).unwrap();
@@ -3249,9 +3236,11 @@ mod iommufd_viommu {
         // The ID stays reserved: new objects do not get it.
         let x = f.env.ioas();
         assert_ne!(x, vdev);
-        // The vIOMMU's virt id is free again.
-        let vops = c.viommu_ops(f.viommu_id).unwrap();
-        let _ = vops;
+        // The vIOMMU's virt id is free again: another device may take it.
+        let (other, _dev) = f.env.mock_domain(f.ioas_id, 0).unwrap();
+        let vdev2 = c.vdevice_alloc(f.viommu_id, other.dev_id, 0x99).unwrap();
+        c.destroy(vdev2).unwrap();
+        c.destroy(other.stdev_id).unwrap();
     }
 
     pub fn viommu_kvm_handle_reaches_driver(f: &F) {

@@ -97,6 +97,31 @@ impl Env {
         self.ictx.ioas_unmap(ioas, iova, len)
     }
 
+    /// A NEST_PARENT HWPT of `dev_id` on `ioas` and a SELFTEST vIOMMU over it, without
+    /// driver data: (parent, vIOMMU).
+    pub fn selftest_viommu(&self, dev_id: ObjectId, ioas: ObjectId) -> (ObjectId, ObjectId) {
+        let c = &self.ictx;
+        let parent = c
+            .hwpt_alloc(
+                hwpt_flags::NEST_PARENT,
+                dev_id,
+                ioas,
+                &mut none_data(),
+                ObjectId(0),
+            )
+            .unwrap();
+        let v = c
+            .viommu_alloc(
+                0,
+                mock::IOMMU_VIOMMU_TYPE_SELFTEST,
+                dev_id,
+                parent,
+                &mut none_data(),
+            )
+            .unwrap();
+        (parent, v)
+    }
+
     pub fn mock_domain(
         &self,
         pt: ObjectId,
