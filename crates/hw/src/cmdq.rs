@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use crate::cmd::{CmdqEntry, Command, SyncSignal, TlbiAddr, decode};
 use crate::dvm::{TlbiOp, TlbiRecipient};
 use crate::regs::{Cr0, Gerror, QueueBase, QueueIndex};
-use crate::smmu::{QPtr, Regs, Smmu, inc};
+use crate::smmu::{QPtr, Regs, Smmu, Tcu, inc};
 use crate::tlb::InvScope;
 
 /// CMDQ_CONS.ERR codes (IHI0070 7.1).
@@ -107,33 +107,24 @@ impl Smmu {
         match cmd {
             // Prefetches are hints (IHI0070 4.2).
             Command::PrefetchConfig { .. } | Command::PrefetchAddr { .. } => {}
-            Command::CfgiSte { sid, .. } => self.cfgi(|s| s == sid),
+            // CFGI_STE* also drop every CD cached through those StreamIDs (IHI0070 4.3.1),
+            // and a contiguous-span entry covering any of them (over-invalidation is
+            // allowed: STE.CONT does not change what software must invalidate, IHI0070 5.2).
+            Command::CfgiSte { sid, .. } => self.cfgi(|t| t.drop_stes(|s| s == sid)),
             Command::CfgiSteRange { sid, range } => {
                 if range >= 31 {
                     // CMD_CFGI_ALL.
-                    self.cfgi(|_| true);
+                    self.cfgi(|t| t.drop_stes(|_| true));
                 } else {
                     let span = 1u64 << (range + 1);
                     let start = u64::from(sid) & !(span - 1);
-                    self.cfgi(|s| (u64::from(s) & !(span - 1)) == start);
+                    self.cfgi(|t| t.drop_stes(|s| (u64::from(s) & !(span - 1)) == start));
                 }
             }
-            Command::CfgiCd { sid, ssid, .. } => {
-                let mut t = self.tcu.write();
+            Command::CfgiCd { sid, ssid, .. } => self.cfgi(|t| {
                 t.cd.remove(&(sid, ssid));
-                t.cfg_gen += 1;
-                drop(t);
-                self.config_changed();
-                self.bump_epoch();
-            }
-            Command::CfgiCdAll { sid } => {
-                let mut t = self.tcu.write();
-                t.cd.retain(|k, _| k.0 != sid);
-                t.cfg_gen += 1;
-                drop(t);
-                self.config_changed();
-                self.bump_epoch();
-            }
+            }),
+            Command::CfgiCdAll { sid } => self.cfgi(|t| t.cd.retain(|k, _| k.0 != sid)),
             // PARTID_MAP is cached only with the STE, by StreamID (IHI0070 5.6.2 allows
             // it): there is no separate cache for this command to invalidate.
             Command::CfgiVmsPidm { .. } => {}
@@ -236,12 +227,12 @@ impl Smmu {
         self.invalidate(op.scope(vmid, asid, addr, TlbiRecipient { aset: false, e2h }));
     }
 
-    fn cfgi(&self, sel: impl Fn(u32) -> bool) {
+    /// A configuration invalidation: `remove` drops the cached structures; the new
+    /// configuration generation keeps fetches already in flight from caching theirs, and
+    /// the hit paths see the change.
+    fn cfgi(&self, remove: impl FnOnce(&mut Tcu)) {
         let mut t = self.tcu.write();
-        // CFGI_STE* also drops every CD cached through those StreamIDs (IHI0070 4.3.1), and
-        // a contiguous-span entry covering any of them (over-invalidation is allowed:
-        // STE.CONT does not change what software must invalidate, IHI0070 5.2).
-        t.drop_stes(sel);
+        remove(&mut t);
         t.cfg_gen += 1;
         drop(t);
         self.config_changed();
