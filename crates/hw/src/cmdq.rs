@@ -239,14 +239,9 @@ impl Smmu {
         self.bump_epoch();
     }
 
-    /// Removes every TLB entry in `scope`, then publishes the change to the micro-TLBs.
-    pub(crate) fn invalidate(&self, scope: InvScope) {
-        self.invalidate_counted(scope);
-    }
-
-    /// [`Smmu::invalidate`], returning how many entries it removed: from the store, then
-    /// from the lookup array.
-    pub(crate) fn invalidate_counted(&self, scope: InvScope) -> usize {
+    /// Removes every TLB entry in `scope` (from the store, then from the lookup array), then
+    /// publishes the change to the micro-TLBs. Returns how many entries it removed.
+    pub(crate) fn invalidate(&self, scope: InvScope) -> usize {
         let removed = {
             let mut t = self.tlb.lock();
             let drops = t.whole_context_drops();

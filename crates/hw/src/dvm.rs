@@ -342,7 +342,7 @@ impl Smmu {
         let scope = t.scope(TlbiRecipient::smmu(cr2.e2h()));
         // Complete when this returns: `invalidate` publishes the new epoch (Release) that
         // every later translation loads (Acquire).
-        Some(self.invalidate_counted(scope))
+        Some(self.invalidate(scope))
     }
 }
 
