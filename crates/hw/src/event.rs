@@ -254,6 +254,14 @@ impl Event {
         }
     }
 
+    /// PnU, InD and RnW of dword 1. InD is 0 for writes (IHI0070 7.3.13).
+    fn attrs(&self) -> EvtDw1 {
+        EvtDw1::new()
+            .with_pnu(self.pnu)
+            .with_ind(self.ind && self.rnw)
+            .with_rnw(self.rnw)
+    }
+
     /// The 32-byte record (IHI0070 7.3).
     pub fn encode(&self) -> [u64; 4] {
         let t = self.event_type;
@@ -279,11 +287,7 @@ impl Event {
                 // IHI0070 7.3.2: RnW 99, InD 98, PnU 97 (the incoming attributes, not the
                 // post-override ones), InputAddr[63:0]; Reason[79:64] is IMPLEMENTATION
                 // DEFINED and left 0.
-                rec[1] = EvtDw1::new()
-                    .with_pnu(self.pnu)
-                    .with_ind(self.ind && self.rnw)
-                    .with_rnw(self.rnw)
-                    .into_bits();
+                rec[1] = self.attrs().into_bits();
                 rec[2] = self.input_addr;
             }
             EventType::FBadAtsTreq => {
@@ -314,12 +318,7 @@ impl Event {
             EventType::FTlbConflict => {
                 // IHI0070 7.3.17: RnW/InD/PnU (post-override), S2, InputAddr, and the IPA
                 // when S2 == 1; Reason is IMPLEMENTATION DEFINED and left 0.
-                rec[1] = EvtDw1::new()
-                    .with_pnu(self.pnu)
-                    .with_ind(self.ind && self.rnw)
-                    .with_rnw(self.rnw)
-                    .with_s2(self.s2)
-                    .into_bits();
+                rec[1] = self.attrs().with_s2(self.s2).into_bits();
                 rec[2] = self.input_addr;
                 if self.s2 {
                     rec[3] = EvtIpa::new().with_ipa(self.ipa >> 12).into_bits();
@@ -354,13 +353,7 @@ impl Event {
             | EventType::FAddrSize
             | EventType::FAccess
             | EventType::FPermission => {
-                let mut d1 = EvtDw1::new()
-                    .with_pnu(self.pnu)
-                    // InD is 0 for writes (IHI0070 7.3.13).
-                    .with_ind(self.ind && self.rnw)
-                    .with_rnw(self.rnw)
-                    .with_s2(self.s2)
-                    .with_class(self.class as u8);
+                let mut d1 = self.attrs().with_s2(self.s2).with_class(self.class as u8);
                 if let Some(stag) = self.stall {
                     d1 = d1.with_stall(true).with_stag(stag);
                 }
