@@ -365,7 +365,8 @@ impl Dvm {
     pub fn tlbi(&self, issuer: usize, insn: TlbiInsn) -> Result<Tlbi, DvmError> {
         let pe = self.pe(issuer)?;
         let t = pe.tlbi_message(insn)?;
-        let done = self.post(t)?;
+        check_operands(&t)?;
+        let done = self.post(t);
         pe.outstanding.lock().push(done);
         Ok(t)
     }
@@ -408,10 +409,7 @@ impl Dvm {
         for t in ts {
             check_operands(t)?;
         }
-        let mut done = Vec::with_capacity(ts.len());
-        for &t in ts {
-            done.push(self.post(t)?);
-        }
+        let done: Vec<_> = ts.iter().map(|&t| self.post(t)).collect();
         self.complete_all();
         let mut report = DvmReport::default();
         for d in &done {
@@ -420,9 +418,9 @@ impl Dvm {
         Ok(report)
     }
 
-    /// Posts `t` to every PE and every attached SMMU.
-    fn post(&self, t: Tlbi) -> Result<Arc<Completion>, DvmError> {
-        check_operands(&t)?;
+    /// Posts `t`, whose operands the caller checked ([`check_operands`]), to every PE and
+    /// every attached SMMU.
+    fn post(&self, t: Tlbi) -> Arc<Completion> {
         let smmus = self.smmus.read();
         let done = Arc::new(Completion {
             recipients: (self.pes.len() + smmus.len()) as u64,
@@ -444,7 +442,7 @@ impl Dvm {
                 s.drain();
             }
         }
-        Ok(done)
+        done
     }
 
     /// The completion half of a DSB: every recipient that is behind is drained. After this
