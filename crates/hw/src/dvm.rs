@@ -350,6 +350,14 @@ impl Smmu {
 mod tests {
     use super::*;
 
+    /// The DVM counts operations by discriminant in an array of `ALL.len()`.
+    #[test]
+    fn all_is_in_discriminant_order() {
+        for (i, op) in TlbiOp::ALL.into_iter().enumerate() {
+            assert_eq!(op as usize, i, "{op:?}");
+        }
+    }
+
     /// A PE and an SMMU apply every broadcast alike but for ASET: only the SMMU's entries
     /// can opt out, and only of the ASID-scoped forms (IHI0070 3.17, 16.7.7; smmu_kvm.md
     /// §4.11).

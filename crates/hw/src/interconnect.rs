@@ -313,10 +313,6 @@ impl std::fmt::Debug for Dvm {
     }
 }
 
-fn op_index(op: TlbiOp) -> usize {
-    TlbiOp::ALL.iter().position(|&o| o == op).unwrap_or(0)
-}
-
 impl Dvm {
     /// An interconnect with `config.pes` PEs (ids 0..) reaching `mem`, and no SMMU.
     pub fn new(config: DvmConfig, mem: Arc<dyn PhysMem>) -> Arc<Dvm> {
@@ -431,7 +427,8 @@ impl Dvm {
             done: Arc::clone(&done),
         };
         self.broadcasts.fetch_add(1, Ordering::Relaxed);
-        self.by_op[op_index(t.op)].fetch_add(1, Ordering::Relaxed);
+        // TlbiOp::ALL is in declaration order: an operation's discriminant is its index.
+        self.by_op[t.op as usize].fetch_add(1, Ordering::Relaxed);
         for pe in self.pes.iter() {
             if pe.inbox.post(m.clone()) >= self.inbox_capacity {
                 pe.drain();
