@@ -4,7 +4,7 @@
 
 use bitfield_struct::bitfield;
 
-use crate::config::{SmmuConfig, StallModel};
+use crate::config::SmmuConfig;
 
 pub mod op {
     //! Command opcodes (IHI0070 4.1.1).
@@ -536,7 +536,7 @@ pub fn decode(e: CmdqEntry, c: &SmmuConfig) -> Result<Command, IllegalCommand> {
         }
         op::RESUME => {
             // No stall model: CERROR_ILL (IHI0070 4.7.1).
-            need(c.stall_model != StallModel::TerminateOnly)?;
+            need(c.can_stall())?;
             Command::Resume {
                 sid: s0.sid(),
                 stag: CmdResumeDw1::from_bits(w1).stag(),
@@ -547,7 +547,7 @@ pub fn decode(e: CmdqEntry, c: &SmmuConfig) -> Result<Command, IllegalCommand> {
             }
         }
         op::STALL_TERM => {
-            need(c.stall_model != StallModel::TerminateOnly)?;
+            need(c.can_stall())?;
             Command::StallTerm { sid: s0.sid() }
         }
         op::SYNC => {
@@ -704,6 +704,7 @@ pub mod build {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::StallModel;
 
     #[test]
     fn range_spans_saturate_instead_of_overflowing() {

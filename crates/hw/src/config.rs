@@ -283,11 +283,7 @@ impl SmmuConfig {
             .with_gran16k(self.gran16k)
             .with_gran64k(self.gran64k)
             // STALL_MAX: how many transactions may be stalled at once.
-            .with_stall_max(if self.stall_model == StallModel::TerminateOnly {
-                0
-            } else {
-                256
-            })
+            .with_stall_max(if self.can_stall() { 256 } else { 0 })
     }
 
     /// The stall model allows stalling at all.
