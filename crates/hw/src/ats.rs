@@ -475,34 +475,39 @@ impl Smmu {
         }
     }
 
-    /// A read by Translated transactions (split at 4 KiB, as for ordinary DMA).
-    pub fn dma_read_translated(&self, sid: u32, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+    /// Runs `io` on each 4 KiB-bounded piece of `len` bytes at `addr`, with the PA a
+    /// Translated transaction gives it (split as for ordinary DMA).
+    fn translated_io(
+        &self,
+        sid: u32,
+        addr: u64,
+        len: usize,
+        kind: AccessKind,
+        mut io: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), crate::MemError>,
+    ) -> Result<(), DmaError> {
         let mut done = 0usize;
-        while done < buf.len() {
+        while done < len {
             let a = addr.wrapping_add(done as u64);
-            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
-            let pa = self.translated_chunk(sid, a, AccessKind::Read)?;
-            self.mem
-                .read(pa, &mut buf[done..done + chunk])
-                .map_err(|_| DmaError::BusError { pa })?;
+            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(len - done);
+            let pa = self.translated_chunk(sid, a, kind)?;
+            io(pa, done..done + chunk).map_err(|_| DmaError::BusError { pa })?;
             done += chunk;
         }
         Ok(())
     }
 
+    /// A read by Translated transactions.
+    pub fn dma_read_translated(&self, sid: u32, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.translated_io(sid, addr, buf.len(), AccessKind::Read, |pa, r| {
+            self.mem.read(pa, &mut buf[r])
+        })
+    }
+
     /// A write by Translated transactions.
     pub fn dma_write_translated(&self, sid: u32, addr: u64, data: &[u8]) -> Result<(), DmaError> {
-        let mut done = 0usize;
-        while done < data.len() {
-            let a = addr.wrapping_add(done as u64);
-            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(data.len() - done);
-            let pa = self.translated_chunk(sid, a, AccessKind::Write)?;
-            self.mem
-                .write(pa, &data[done..done + chunk])
-                .map_err(|_| DmaError::BusError { pa })?;
-            done += chunk;
-        }
-        Ok(())
+        self.translated_io(sid, addr, data.len(), AccessKind::Write, |pa, r| {
+            self.mem.write(pa, &data[r])
+        })
     }
 
     /// A speculative page request hint from the device behind `sid` (IHI0070 7.3.19):

@@ -4,7 +4,7 @@
 
 use bitfield_struct::bitfield;
 
-use crate::config::{SmmuConfig, StallModel};
+use crate::config::SmmuConfig;
 
 pub mod op {
     //! Command opcodes (IHI0070 4.1.1).
@@ -536,7 +536,7 @@ pub fn decode(e: CmdqEntry, c: &SmmuConfig) -> Result<Command, IllegalCommand> {
         }
         op::RESUME => {
             // No stall model: CERROR_ILL (IHI0070 4.7.1).
-            need(c.stall_model != StallModel::TerminateOnly)?;
+            need(c.can_stall())?;
             Command::Resume {
                 sid: s0.sid(),
                 stag: CmdResumeDw1::from_bits(w1).stag(),
@@ -547,7 +547,7 @@ pub fn decode(e: CmdqEntry, c: &SmmuConfig) -> Result<Command, IllegalCommand> {
             }
         }
         op::STALL_TERM => {
-            need(c.stall_model != StallModel::TerminateOnly)?;
+            need(c.can_stall())?;
             Command::StallTerm { sid: s0.sid() }
         }
         op::SYNC => {
@@ -609,6 +609,12 @@ pub mod build {
             .with_asid(asid)
             .into_bits()
     }
+    fn addr_dw1(addr: u64, leaf: bool) -> u64 {
+        CmdTlbiDw1::new()
+            .with_leaf(leaf)
+            .with_addr(addr >> 12)
+            .into_bits()
+    }
     pub fn tlbi_nh_all(vmid: u16) -> CmdqEntry {
         CmdqEntry([tlbi(op::TLBI_NH_ALL, vmid, 0), 0])
     }
@@ -616,31 +622,13 @@ pub mod build {
         CmdqEntry([tlbi(op::TLBI_NH_ASID, vmid, asid), 0])
     }
     pub fn tlbi_nh_va(vmid: u16, asid: u16, va: u64, leaf: bool) -> CmdqEntry {
-        CmdqEntry([
-            tlbi(op::TLBI_NH_VA, vmid, asid),
-            CmdTlbiDw1::new()
-                .with_leaf(leaf)
-                .with_addr(va >> 12)
-                .into_bits(),
-        ])
+        CmdqEntry([tlbi(op::TLBI_NH_VA, vmid, asid), addr_dw1(va, leaf)])
     }
     pub fn tlbi_nh_vaa(vmid: u16, va: u64, leaf: bool) -> CmdqEntry {
-        CmdqEntry([
-            tlbi(op::TLBI_NH_VAA, vmid, 0),
-            CmdTlbiDw1::new()
-                .with_leaf(leaf)
-                .with_addr(va >> 12)
-                .into_bits(),
-        ])
+        CmdqEntry([tlbi(op::TLBI_NH_VAA, vmid, 0), addr_dw1(va, leaf)])
     }
     pub fn tlbi_s2_ipa(vmid: u16, ipa: u64, leaf: bool) -> CmdqEntry {
-        CmdqEntry([
-            tlbi(op::TLBI_S2_IPA, vmid, 0),
-            CmdTlbiDw1::new()
-                .with_leaf(leaf)
-                .with_addr(ipa >> 12)
-                .into_bits(),
-        ])
+        CmdqEntry([tlbi(op::TLBI_S2_IPA, vmid, 0), addr_dw1(ipa, leaf)])
     }
     /// A range form: `(num + 1) << scale` granules of `tg` (1 = 4K, 2 = 16K, 3 = 64K).
     pub fn with_range(mut e: CmdqEntry, tg: u8, num: u8, scale: u8, ttl: u8) -> CmdqEntry {
@@ -664,22 +652,10 @@ pub mod build {
         CmdqEntry([tlbi(op::TLBI_EL2_ASID, 0, asid), 0])
     }
     pub fn tlbi_el2_va(asid: u16, va: u64, leaf: bool) -> CmdqEntry {
-        CmdqEntry([
-            tlbi(op::TLBI_EL2_VA, 0, asid),
-            CmdTlbiDw1::new()
-                .with_leaf(leaf)
-                .with_addr(va >> 12)
-                .into_bits(),
-        ])
+        CmdqEntry([tlbi(op::TLBI_EL2_VA, 0, asid), addr_dw1(va, leaf)])
     }
     pub fn tlbi_el2_vaa(va: u64, leaf: bool) -> CmdqEntry {
-        CmdqEntry([
-            tlbi(op::TLBI_EL2_VAA, 0, 0),
-            CmdTlbiDw1::new()
-                .with_leaf(leaf)
-                .with_addr(va >> 12)
-                .into_bits(),
-        ])
+        CmdqEntry([tlbi(op::TLBI_EL2_VAA, 0, 0), addr_dw1(va, leaf)])
     }
     pub fn sync() -> CmdqEntry {
         CmdqEntry([u64::from(op::SYNC), 0])
@@ -728,6 +704,7 @@ pub mod build {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::StallModel;
 
     #[test]
     fn range_spans_saturate_instead_of_overflowing() {

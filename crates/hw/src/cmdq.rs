@@ -12,9 +12,10 @@
 use std::sync::atomic::Ordering;
 
 use crate::cmd::{CmdqEntry, Command, SyncSignal, TlbiAddr, decode};
+use crate::dvm::{TlbiOp, TlbiRecipient};
 use crate::regs::{Cr0, Gerror, QueueBase, QueueIndex};
-use crate::smmu::{QPtr, Regs, Smmu, inc};
-use crate::tlb::{AsidMatch, InvScope, Kind, World};
+use crate::smmu::{QPtr, Regs, Smmu, Tcu, inc};
+use crate::tlb::InvScope;
 
 /// CMDQ_CONS.ERR codes (IHI0070 7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +46,12 @@ impl CmdError {
     }
 }
 
-const NS: u8 = InvScope::world_bit(World::NsEl1);
+/// The address operand of commands without one ([`TlbiOp::scope`] does not read it).
+const NO_ADDR: TlbiAddr = TlbiAddr {
+    addr: 0,
+    leaf: false,
+    range: None,
+};
 
 impl Smmu {
     pub(crate) fn process_cmdq(&self, r: &mut Regs) {
@@ -97,137 +103,59 @@ impl Smmu {
 
     /// Executes one decoded command.
     pub(crate) fn execute(&self, cmd: Command, smmuen: bool) -> Result<(), CmdError> {
+        use TlbiOp::*;
         match cmd {
             // Prefetches are hints (IHI0070 4.2).
             Command::PrefetchConfig { .. } | Command::PrefetchAddr { .. } => {}
-            Command::CfgiSte { sid, .. } => self.cfgi(|s| s == sid),
+            // CFGI_STE* also drop every CD cached through those StreamIDs (IHI0070 4.3.1),
+            // and a contiguous-span entry covering any of them (over-invalidation is
+            // allowed: STE.CONT does not change what software must invalidate, IHI0070 5.2).
+            Command::CfgiSte { sid, .. } => self.cfgi(|t| t.drop_stes(|s| s == sid)),
             Command::CfgiSteRange { sid, range } => {
                 if range >= 31 {
                     // CMD_CFGI_ALL.
-                    self.cfgi(|_| true);
+                    self.cfgi(|t| t.drop_stes(|_| true));
                 } else {
                     let span = 1u64 << (range + 1);
                     let start = u64::from(sid) & !(span - 1);
-                    self.cfgi(|s| (u64::from(s) & !(span - 1)) == start);
+                    self.cfgi(|t| t.drop_stes(|s| (u64::from(s) & !(span - 1)) == start));
                 }
             }
-            Command::CfgiCd { sid, ssid, .. } => {
-                let mut t = self.tcu.write();
+            Command::CfgiCd { sid, ssid, .. } => self.cfgi(|t| {
                 t.cd.remove(&(sid, ssid));
-                t.cfg_gen += 1;
-                drop(t);
-                self.config_changed();
-                self.bump_epoch();
-            }
-            Command::CfgiCdAll { sid } => {
-                let mut t = self.tcu.write();
-                t.cd.retain(|k, _| k.0 != sid);
-                t.cfg_gen += 1;
-                drop(t);
-                self.config_changed();
-                self.bump_epoch();
-            }
+            }),
+            Command::CfgiCdAll { sid } => self.cfgi(|t| t.cd.retain(|k, _| k.0 != sid)),
             // PARTID_MAP is cached only with the STE, by StreamID (IHI0070 5.6.2 allows
             // it): there is no separate cache for this command to invalidate.
             Command::CfgiVmsPidm { .. } => {}
+            // A TLBI command removes what the broadcast of the same operation removes.
             Command::TlbiNhAll { vmid } => {
-                self.invalidate(InvScope {
-                    worlds: NS,
-                    kinds: InvScope::S1_KINDS,
-                    vmid: Some(self.cmd_vmid(vmid)),
-                    asid: AsidMatch::Any,
-                    skip_aset: false,
-                    range: None,
-                });
+                self.command_tlbi(Vmalle1is, self.cmd_vmid(vmid), 0, NO_ADDR)
             }
             Command::TlbiNhAsid { vmid, asid } => {
-                self.invalidate(InvScope {
-                    worlds: NS,
-                    kinds: InvScope::S1_KINDS,
-                    vmid: Some(self.cmd_vmid(vmid)),
-                    asid: AsidMatch::NonGlobal(asid),
-                    skip_aset: false,
-                    range: None,
-                });
+                self.command_tlbi(Aside1is, self.cmd_vmid(vmid), asid, NO_ADDR)
             }
             Command::TlbiNhVa { vmid, asid, addr } => {
-                self.invalidate(InvScope {
-                    worlds: NS,
-                    kinds: InvScope::S1_KINDS,
-                    vmid: Some(self.cmd_vmid(vmid)),
-                    asid: AsidMatch::AsidOrGlobal(asid),
-                    skip_aset: false,
-                    range: Some(addr.span()),
-                });
+                self.command_tlbi(Vae1is, self.cmd_vmid(vmid), asid, addr)
             }
             Command::TlbiNhVaa { vmid, addr } => {
-                self.invalidate(InvScope {
-                    worlds: NS,
-                    kinds: InvScope::S1_KINDS,
-                    vmid: Some(self.cmd_vmid(vmid)),
-                    asid: AsidMatch::Any,
-                    skip_aset: false,
-                    range: Some(addr.span()),
-                });
+                self.command_tlbi(Vaae1is, self.cmd_vmid(vmid), 0, addr)
             }
             // IHI0070 4.4.2.7: every EL2 entry, ASID-tagged (EL2-E2H) or not.
-            Command::TlbiEl2All => {
-                self.invalidate(InvScope {
-                    worlds: InvScope::world_bit(World::El2) | InvScope::world_bit(World::El2E2h),
-                    kinds: InvScope::ALL_KINDS,
-                    vmid: None,
-                    asid: AsidMatch::Any,
-                    skip_aset: false,
-                    range: None,
-                });
-            }
+            Command::TlbiEl2All => self.command_tlbi(Alle2is, 0, 0, NO_ADDR),
             // IHI0070 4.4.2.10: non-global EL2-E2H entries of the ASID; EL2 entries have no
             // ASID and are not required to be touched.
-            Command::TlbiEl2Asid { asid } => {
-                self.invalidate(InvScope {
-                    worlds: InvScope::world_bit(World::El2E2h),
-                    kinds: InvScope::ALL_KINDS,
-                    vmid: None,
-                    asid: AsidMatch::NonGlobal(asid),
-                    skip_aset: false,
-                    range: None,
-                });
-            }
-            Command::TlbiEl2Va { asid, addr } => self.el2_va(Some(asid), addr),
-            Command::TlbiEl2Vaa { addr } => self.el2_va(None, addr),
-            Command::TlbiS12Vmall { vmid } => {
-                self.invalidate(InvScope {
-                    worlds: NS,
-                    kinds: InvScope::ALL_KINDS,
-                    vmid: Some(vmid),
-                    asid: AsidMatch::Any,
-                    skip_aset: false,
-                    range: None,
-                });
-            }
+            Command::TlbiEl2Asid { asid } => self.command_tlbi(Aside2is, 0, asid, NO_ADDR),
+            // IHI0070 4.4.2.8/9: CR2.E2H selects the EL2-E2H world (ASID matched, or global)
+            // or the EL2 world (ASID ignored); neither has a VMID.
+            Command::TlbiEl2Va { asid, addr } => self.command_tlbi(Vae2is, 0, asid, addr),
+            Command::TlbiEl2Vaa { addr } => self.command_tlbi(Vaae2is, 0, 0, addr),
+            Command::TlbiS12Vmall { vmid } => self.command_tlbi(Vmalls12e1is, vmid, 0, NO_ADDR),
             // Stage-2-only entries covering the IPA; combined nested entries need not be
             // removed (IHI0070 4.4.3.1), and are not: software follows with NH_ALL or
             // S12_VMALL, as on a PE.
-            Command::TlbiS2Ipa { vmid, addr } => {
-                self.invalidate(InvScope {
-                    worlds: NS,
-                    kinds: InvScope::kind_bit(Kind::S2),
-                    vmid: Some(vmid),
-                    asid: AsidMatch::Any,
-                    skip_aset: false,
-                    range: Some(addr.span()),
-                });
-            }
-            Command::TlbiNsnhAll => {
-                self.invalidate(InvScope {
-                    worlds: NS,
-                    kinds: InvScope::ALL_KINDS,
-                    vmid: None,
-                    asid: AsidMatch::Any,
-                    skip_aset: false,
-                    range: None,
-                });
-            }
+            Command::TlbiS2Ipa { vmid, addr } => self.command_tlbi(Ipas2e1is, vmid, 0, addr),
+            Command::TlbiNsnhAll => self.command_tlbi(Alle1is, 0, 0, NO_ADDR),
             Command::AtcInv {
                 sid,
                 ssid,
@@ -291,48 +219,29 @@ impl Smmu {
         if self.cfg.s2p { vmid } else { 0 }
     }
 
-    fn el2_va(&self, asid: Option<u16>, addr: TlbiAddr) {
-        // IHI0070 4.4.2.8/9: CR2.E2H selects the EL2-E2H world (ASID matched, or global) or
-        // the EL2 world (ASID ignored); neither has a VMID.
+    /// Applies a TLBI command as [`TlbiOp::scope`] of the same operation on this SMMU.
+    /// CD.ASET opts entries out of broadcasts only (IHI0070 3.17, 16.7.7): a command reaches
+    /// them too.
+    fn command_tlbi(&self, op: TlbiOp, vmid: u16, asid: u16, addr: TlbiAddr) {
         let e2h = self.tcu.read().live.cr2.e2h();
-        let (world, m) = if e2h {
-            (
-                World::El2E2h,
-                asid.map_or(AsidMatch::Any, AsidMatch::AsidOrGlobal),
-            )
-        } else {
-            (World::El2, AsidMatch::Any)
-        };
-        self.invalidate(InvScope {
-            worlds: InvScope::world_bit(world),
-            kinds: InvScope::ALL_KINDS,
-            vmid: None,
-            asid: m,
-            skip_aset: false,
-            range: Some(addr.span()),
-        });
+        self.invalidate(op.scope(vmid, asid, addr, TlbiRecipient { aset: false, e2h }));
     }
 
-    fn cfgi(&self, sel: impl Fn(u32) -> bool) {
+    /// A configuration invalidation: `remove` drops the cached structures; the new
+    /// configuration generation keeps fetches already in flight from caching theirs, and
+    /// the hit paths see the change.
+    fn cfgi(&self, remove: impl FnOnce(&mut Tcu)) {
         let mut t = self.tcu.write();
-        // CFGI_STE* also drops every CD cached through those StreamIDs (IHI0070 4.3.1), and
-        // a contiguous-span entry covering any of them (over-invalidation is allowed:
-        // STE.CONT does not change what software must invalidate, IHI0070 5.2).
-        t.drop_stes(sel);
+        remove(&mut t);
         t.cfg_gen += 1;
         drop(t);
         self.config_changed();
         self.bump_epoch();
     }
 
-    /// Removes every TLB entry in `scope`, then publishes the change to the micro-TLBs.
-    pub(crate) fn invalidate(&self, scope: InvScope) {
-        self.invalidate_counted(scope);
-    }
-
-    /// [`Smmu::invalidate`], returning how many entries it removed: from the store, then
-    /// from the lookup array.
-    pub(crate) fn invalidate_counted(&self, scope: InvScope) -> usize {
+    /// Removes every TLB entry in `scope` (from the store, then from the lookup array), then
+    /// publishes the change to the micro-TLBs. Returns how many entries it removed.
+    pub(crate) fn invalidate(&self, scope: InvScope) -> usize {
         let removed = {
             let mut t = self.tlb.lock();
             let drops = t.whole_context_drops();

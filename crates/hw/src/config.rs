@@ -3,6 +3,7 @@
 //! or `twinmmu qtest --config` can describe the SMMU under test.
 
 use serde::{Deserialize, Serialize};
+use twinmmu_vmsa::PaSize;
 
 use crate::regs::{Idr0, Idr1, Idr3, Idr5};
 
@@ -158,32 +159,22 @@ pub enum ConfigError {
     Toml(String),
 }
 
+/// The PA size of `bits` output-address bits, if it is one the architecture encodes.
+fn pa_size(bits: u8) -> Option<PaSize> {
+    (0..=6)
+        .filter_map(PaSize::from_encoding)
+        .find(|p| p.bits() == bits)
+}
+
 /// IDR5.OAS encoding of a number of output-address bits.
 pub fn oas_encoding(bits: u8) -> Option<u8> {
-    Some(match bits {
-        32 => 0,
-        36 => 1,
-        40 => 2,
-        42 => 3,
-        44 => 4,
-        48 => 5,
-        52 => 6,
-        _ => return None,
-    })
+    pa_size(bits).map(PaSize::encoding)
 }
 
 /// Number of bits of an IDR5.OAS / PS / IPS encoding (values above 6 are reserved and
 /// treated as the largest implemented, per IHI0070 3.4).
 pub fn pa_bits(encoding: u8) -> u8 {
-    match encoding {
-        0 => 32,
-        1 => 36,
-        2 => 40,
-        3 => 42,
-        4 => 44,
-        5 => 48,
-        _ => 52,
-    }
+    PaSize::from_encoding(encoding).map_or(52, PaSize::bits)
 }
 
 impl SmmuConfig {
@@ -292,11 +283,7 @@ impl SmmuConfig {
             .with_gran16k(self.gran16k)
             .with_gran64k(self.gran64k)
             // STALL_MAX: how many transactions may be stalled at once.
-            .with_stall_max(if self.stall_model == StallModel::TerminateOnly {
-                0
-            } else {
-                256
-            })
+            .with_stall_max(if self.can_stall() { 256 } else { 0 })
     }
 
     /// The stall model allows stalling at all.
@@ -307,8 +294,7 @@ impl SmmuConfig {
     /// The translation features the walker needs (vmsa's view of IDR0/3/5). IAS = OAS for
     /// an AArch64-only SMMU (IHI0070 3.4).
     pub fn features(&self) -> twinmmu_vmsa::Features {
-        let oas = twinmmu_vmsa::PaSize::from_encoding(oas_encoding(self.oas_bits).unwrap_or(5))
-            .unwrap_or(twinmmu_vmsa::PaSize::Bits48);
+        let oas = pa_size(self.oas_bits).unwrap_or(PaSize::Bits48);
         twinmmu_vmsa::Features {
             oas,
             ias: oas,
@@ -357,6 +343,26 @@ mod tests {
         let idr5 = c.idr5().into_bits();
         assert_eq!(idr5 & 7, 5, "OAS 48 bits");
         assert_eq!((idr5 >> 4) & 7, 7, "all granules");
+    }
+
+    #[test]
+    fn oas_encodings() {
+        let table = [
+            (32, 0),
+            (36, 1),
+            (40, 2),
+            (42, 3),
+            (44, 4),
+            (48, 5),
+            (52, 6),
+        ];
+        for (bits, enc) in table {
+            assert_eq!(oas_encoding(bits), Some(enc), "{bits} bits");
+            assert_eq!(pa_bits(enc), bits, "encoding {enc}");
+        }
+        assert_eq!(oas_encoding(47), None);
+        assert_eq!(pa_bits(7), 52, "reserved: the largest");
+        assert_eq!(pa_bits(0xff), 52);
     }
 
     #[test]

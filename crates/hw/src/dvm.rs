@@ -177,19 +177,24 @@ impl<V> TlbiWith<V> {
 }
 
 impl Tlbi {
-    fn span(&self) -> (u64, u64) {
-        TlbiAddr {
+    /// What this TLBI removes from the TLB of `r` (smmu_kvm.md §4.11; DDI0487 D8.13;
+    /// IHI0070 3.17): [`TlbiOp::scope`] with the message's operands.
+    pub fn scope(&self, r: TlbiRecipient) -> InvScope {
+        let addr = TlbiAddr {
             addr: self.addr & !0xfff,
             leaf: self.op.is_leaf(),
             range: if self.op.is_range() { self.range } else { None },
-        }
-        .span()
+        };
+        self.op.scope(self.vmid, self.asid, addr, r)
     }
+}
 
-    /// What this TLBI removes from the TLB of `r` (smmu_kvm.md §4.11; DDI0487 D8.13;
-    /// IHI0070 3.17). One mapping for every recipient, PE or SMMU, with their real
-    /// differences as [`TlbiRecipient`]'s fields; the rest is common:
-    /// - EL1 forms act on NS-EL1 entries of the message's VMID (stage-1 and combined;
+impl TlbiOp {
+    /// What this operation with these operands removes from the TLB of `r`. One mapping for
+    /// every recipient, PE or SMMU, and for the SMMU's own TLBI commands, which act as the
+    /// broadcast of the same operation ([`crate::cmd::Command`]); the real differences are
+    /// [`TlbiRecipient`]'s fields, the rest is common:
+    /// - EL1 forms act on NS-EL1 entries of `vmid` (stage-1 and combined;
     ///   `VMALLS12E1IS` stage 2 too), `ALLE1IS` on every VMID's (an SMMU: CMD_TLBI_NSNH_ALL).
     /// - `IPAS2E1IS` and its forms remove stage-2 entries only, on a PE as on an SMMU
     ///   (CMD_TLBI_S2_IPA: IHI0070 4.4.3.1 requires only stage-2-only entries to go): a
@@ -198,12 +203,14 @@ impl Tlbi {
     /// - EL2 forms carry no VMID: `ALLE2IS` removes every EL2 and EL2&0 entry, the by-VA
     ///   and by-ASID forms act on the EL2&0 world by ASID with `e2h`, on the EL2 world
     ///   (entries without an ASID) without.
-    pub fn scope(&self, r: TlbiRecipient) -> InvScope {
+    ///
+    /// `asid` and `addr` are read only by the forms that take them.
+    pub fn scope(self, vmid: u16, asid: u16, addr: TlbiAddr, r: TlbiRecipient) -> InvScope {
         use TlbiOp::*;
         let base = InvScope {
             worlds: InvScope::world_bit(World::NsEl1),
             kinds: InvScope::S1_KINDS,
-            vmid: Some(self.vmid),
+            vmid: Some(vmid),
             asid: AsidMatch::Any,
             skip_aset: false,
             range: None,
@@ -219,27 +226,27 @@ impl Tlbi {
             vmid: None,
             ..base
         };
-        match self.op {
+        match self {
             Vmalle1is => base,
             // ASID-scoped broadcasts skip ASET = 1 entries (IHI0070 3.17; 16.7.7).
             Aside1is => InvScope {
-                asid: AsidMatch::NonGlobal(self.asid),
+                asid: AsidMatch::NonGlobal(asid),
                 skip_aset: r.aset,
                 ..base
             },
             Vae1is | Vale1is | Rvae1is | Rvale1is => InvScope {
-                asid: AsidMatch::AsidOrGlobal(self.asid),
+                asid: AsidMatch::AsidOrGlobal(asid),
                 skip_aset: r.aset,
-                range: Some(self.span()),
+                range: Some(addr.span()),
                 ..base
             },
             Vaae1is | Vaale1is | Rvaae1is | Rvaale1is => InvScope {
-                range: Some(self.span()),
+                range: Some(addr.span()),
                 ..base
             },
             Ipas2e1is | Ipas2le1is | Ripas2e1is | Ripas2le1is => InvScope {
                 kinds: InvScope::kind_bit(Kind::S2),
-                range: Some(self.span()),
+                range: Some(addr.span()),
                 ..base
             },
             Vmalls12e1is => InvScope {
@@ -262,26 +269,26 @@ impl Tlbi {
             // (3.17), and do not.
             Vae2is | Vale2is | Rvae2is | Rvale2is => InvScope {
                 asid: if r.e2h {
-                    AsidMatch::AsidOrGlobal(self.asid)
+                    AsidMatch::AsidOrGlobal(asid)
                 } else {
                     AsidMatch::Any
                 },
                 skip_aset: r.aset,
-                range: Some(self.span()),
+                range: Some(addr.span()),
                 ..el2
             },
             // TLBI VAAE1IS from a VHE host: every ASID's EL2&0 entries at the address, as
             // CMD_TLBI_EL2_VAA (IHI0070 4.4.2.9: the EL2-E2H world with CR2.E2H, the EL2
             // world without). Not ASID-scoped: ASET = 1 entries follow it too.
             Vaae2is | Vaale2is | Rvaae2is | Rvaale2is => InvScope {
-                range: Some(self.span()),
+                range: Some(addr.span()),
                 ..el2
             },
             // TLBI ASIDE1IS from a VHE host (HCR_EL2.{E2H,TGE} = {1,1}): non-global EL2-E2H
             // entries of the ASID; EL2 entries have no ASID.
             Aside2is => InvScope {
                 worlds: InvScope::world_bit(World::El2E2h),
-                asid: AsidMatch::NonGlobal(self.asid),
+                asid: AsidMatch::NonGlobal(asid),
                 skip_aset: r.aset,
                 ..el2
             },
@@ -335,13 +342,21 @@ impl Smmu {
         let scope = t.scope(TlbiRecipient::smmu(cr2.e2h()));
         // Complete when this returns: `invalidate` publishes the new epoch (Release) that
         // every later translation loads (Acquire).
-        Some(self.invalidate_counted(scope))
+        Some(self.invalidate(scope))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The DVM counts operations by discriminant in an array of `ALL.len()`.
+    #[test]
+    fn all_is_in_discriminant_order() {
+        for (i, op) in TlbiOp::ALL.into_iter().enumerate() {
+            assert_eq!(op as usize, i, "{op:?}");
+        }
+    }
 
     /// A PE and an SMMU apply every broadcast alike but for ASET: only the SMMU's entries
     /// can opt out, and only of the ASID-scoped forms (IHI0070 3.17, 16.7.7; smmu_kvm.md

@@ -103,86 +103,59 @@ pub struct PageReqDw1 {
     pub __: u16,
 }
 
-/// Event numbers (IHI0070 7.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum EventType {
-    FUut = 0x01,
-    CBadStreamid = 0x02,
-    FSteFetch = 0x03,
-    CBadSte = 0x04,
-    FBadAtsTreq = 0x05,
-    FStreamDisabled = 0x06,
-    FTranslForbidden = 0x07,
-    CBadSubstreamid = 0x08,
-    FCdFetch = 0x09,
-    CBadCd = 0x0A,
-    FWalkEabt = 0x0B,
-    FTranslation = 0x10,
-    FAddrSize = 0x11,
-    FAccess = 0x12,
-    FPermission = 0x13,
-    FTlbConflict = 0x20,
-    FCfgConflict = 0x21,
-    EPageRequest = 0x24,
-    FVmsFetch = 0x25,
+/// Defines [`EventType`] with its codes and names from one list.
+macro_rules! event_types {
+    ($($ty:ident = $code:literal => $name:literal,)*) => {
+        /// Event numbers (IHI0070 7.3).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum EventType {
+            $($ty = $code,)*
+        }
+
+        impl EventType {
+            /// The architecture's name, as `twinmmu qtest` prints it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(EventType::$ty => $name,)*
+                }
+            }
+
+            pub fn from_code(code: u8) -> Option<Self> {
+                match code {
+                    $($code => Some(EventType::$ty),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+event_types! {
+    FUut = 0x01 => "F_UUT",
+    CBadStreamid = 0x02 => "C_BAD_STREAMID",
+    FSteFetch = 0x03 => "F_STE_FETCH",
+    CBadSte = 0x04 => "C_BAD_STE",
+    FBadAtsTreq = 0x05 => "F_BAD_ATS_TREQ",
+    FStreamDisabled = 0x06 => "F_STREAM_DISABLED",
+    FTranslForbidden = 0x07 => "F_TRANSL_FORBIDDEN",
+    CBadSubstreamid = 0x08 => "C_BAD_SUBSTREAMID",
+    FCdFetch = 0x09 => "F_CD_FETCH",
+    CBadCd = 0x0A => "C_BAD_CD",
+    FWalkEabt = 0x0B => "F_WALK_EABT",
+    FTranslation = 0x10 => "F_TRANSLATION",
+    FAddrSize = 0x11 => "F_ADDR_SIZE",
+    FAccess = 0x12 => "F_ACCESS",
+    FPermission = 0x13 => "F_PERMISSION",
+    FTlbConflict = 0x20 => "F_TLB_CONFLICT",
+    FCfgConflict = 0x21 => "F_CFG_CONFLICT",
+    EPageRequest = 0x24 => "E_PAGE_REQUEST",
+    FVmsFetch = 0x25 => "F_VMS_FETCH",
 }
 
 impl EventType {
     pub fn code(self) -> u8 {
         self as u8
-    }
-
-    /// The architecture's name, as `twinmmu qtest` prints it.
-    pub fn name(self) -> &'static str {
-        match self {
-            EventType::FUut => "F_UUT",
-            EventType::CBadStreamid => "C_BAD_STREAMID",
-            EventType::FSteFetch => "F_STE_FETCH",
-            EventType::CBadSte => "C_BAD_STE",
-            EventType::FBadAtsTreq => "F_BAD_ATS_TREQ",
-            EventType::FStreamDisabled => "F_STREAM_DISABLED",
-            EventType::FTranslForbidden => "F_TRANSL_FORBIDDEN",
-            EventType::CBadSubstreamid => "C_BAD_SUBSTREAMID",
-            EventType::FCdFetch => "F_CD_FETCH",
-            EventType::CBadCd => "C_BAD_CD",
-            EventType::FWalkEabt => "F_WALK_EABT",
-            EventType::FTranslation => "F_TRANSLATION",
-            EventType::FAddrSize => "F_ADDR_SIZE",
-            EventType::FAccess => "F_ACCESS",
-            EventType::FPermission => "F_PERMISSION",
-            EventType::FTlbConflict => "F_TLB_CONFLICT",
-            EventType::FCfgConflict => "F_CFG_CONFLICT",
-            EventType::EPageRequest => "E_PAGE_REQUEST",
-            EventType::FVmsFetch => "F_VMS_FETCH",
-        }
-    }
-
-    pub fn from_code(code: u8) -> Option<Self> {
-        use EventType::*;
-        [
-            FUut,
-            CBadStreamid,
-            FSteFetch,
-            CBadSte,
-            FBadAtsTreq,
-            FStreamDisabled,
-            FTranslForbidden,
-            CBadSubstreamid,
-            FCdFetch,
-            CBadCd,
-            FWalkEabt,
-            FTranslation,
-            FAddrSize,
-            FAccess,
-            FPermission,
-            FTlbConflict,
-            FCfgConflict,
-            EPageRequest,
-            FVmsFetch,
-        ]
-        .into_iter()
-        .find(|t| t.code() == code)
     }
 
     /// Translation-class faults, recorded only under CD.R / STE.S2R (smmu_kvm.md §4.9).
@@ -281,6 +254,14 @@ impl Event {
         }
     }
 
+    /// PnU, InD and RnW of dword 1. InD is 0 for writes (IHI0070 7.3.13).
+    fn attrs(&self) -> EvtDw1 {
+        EvtDw1::new()
+            .with_pnu(self.pnu)
+            .with_ind(self.ind && self.rnw)
+            .with_rnw(self.rnw)
+    }
+
     /// The 32-byte record (IHI0070 7.3).
     pub fn encode(&self) -> [u64; 4] {
         let t = self.event_type;
@@ -306,11 +287,7 @@ impl Event {
                 // IHI0070 7.3.2: RnW 99, InD 98, PnU 97 (the incoming attributes, not the
                 // post-override ones), InputAddr[63:0]; Reason[79:64] is IMPLEMENTATION
                 // DEFINED and left 0.
-                rec[1] = EvtDw1::new()
-                    .with_pnu(self.pnu)
-                    .with_ind(self.ind && self.rnw)
-                    .with_rnw(self.rnw)
-                    .into_bits();
+                rec[1] = self.attrs().into_bits();
                 rec[2] = self.input_addr;
             }
             EventType::FBadAtsTreq => {
@@ -341,12 +318,7 @@ impl Event {
             EventType::FTlbConflict => {
                 // IHI0070 7.3.17: RnW/InD/PnU (post-override), S2, InputAddr, and the IPA
                 // when S2 == 1; Reason is IMPLEMENTATION DEFINED and left 0.
-                rec[1] = EvtDw1::new()
-                    .with_pnu(self.pnu)
-                    .with_ind(self.ind && self.rnw)
-                    .with_rnw(self.rnw)
-                    .with_s2(self.s2)
-                    .into_bits();
+                rec[1] = self.attrs().with_s2(self.s2).into_bits();
                 rec[2] = self.input_addr;
                 if self.s2 {
                     rec[3] = EvtIpa::new().with_ipa(self.ipa >> 12).into_bits();
@@ -381,13 +353,7 @@ impl Event {
             | EventType::FAddrSize
             | EventType::FAccess
             | EventType::FPermission => {
-                let mut d1 = EvtDw1::new()
-                    .with_pnu(self.pnu)
-                    // InD is 0 for writes (IHI0070 7.3.13).
-                    .with_ind(self.ind && self.rnw)
-                    .with_rnw(self.rnw)
-                    .with_s2(self.s2)
-                    .with_class(self.class as u8);
+                let mut d1 = self.attrs().with_s2(self.s2).with_class(self.class as u8);
                 if let Some(stag) = self.stall {
                     d1 = d1.with_stall(true).with_stag(stag);
                 }

@@ -313,10 +313,6 @@ impl std::fmt::Debug for Dvm {
     }
 }
 
-fn op_index(op: TlbiOp) -> usize {
-    TlbiOp::ALL.iter().position(|&o| o == op).unwrap_or(0)
-}
-
 impl Dvm {
     /// An interconnect with `config.pes` PEs (ids 0..) reaching `mem`, and no SMMU.
     pub fn new(config: DvmConfig, mem: Arc<dyn PhysMem>) -> Arc<Dvm> {
@@ -365,7 +361,8 @@ impl Dvm {
     pub fn tlbi(&self, issuer: usize, insn: TlbiInsn) -> Result<Tlbi, DvmError> {
         let pe = self.pe(issuer)?;
         let t = pe.tlbi_message(insn)?;
-        let done = self.post(t)?;
+        check_operands(&t)?;
+        let done = self.post(t);
         pe.outstanding.lock().push(done);
         Ok(t)
     }
@@ -408,10 +405,7 @@ impl Dvm {
         for t in ts {
             check_operands(t)?;
         }
-        let mut done = Vec::with_capacity(ts.len());
-        for &t in ts {
-            done.push(self.post(t)?);
-        }
+        let done: Vec<_> = ts.iter().map(|&t| self.post(t)).collect();
         self.complete_all();
         let mut report = DvmReport::default();
         for d in &done {
@@ -420,9 +414,9 @@ impl Dvm {
         Ok(report)
     }
 
-    /// Posts `t` to every PE and every attached SMMU.
-    fn post(&self, t: Tlbi) -> Result<Arc<Completion>, DvmError> {
-        check_operands(&t)?;
+    /// Posts `t`, whose operands the caller checked ([`check_operands`]), to every PE and
+    /// every attached SMMU.
+    fn post(&self, t: Tlbi) -> Arc<Completion> {
         let smmus = self.smmus.read();
         let done = Arc::new(Completion {
             recipients: (self.pes.len() + smmus.len()) as u64,
@@ -433,7 +427,8 @@ impl Dvm {
             done: Arc::clone(&done),
         };
         self.broadcasts.fetch_add(1, Ordering::Relaxed);
-        self.by_op[op_index(t.op)].fetch_add(1, Ordering::Relaxed);
+        // TlbiOp::ALL is in declaration order: an operation's discriminant is its index.
+        self.by_op[t.op as usize].fetch_add(1, Ordering::Relaxed);
         for pe in self.pes.iter() {
             if pe.inbox.post(m.clone()) >= self.inbox_capacity {
                 pe.drain();
@@ -444,7 +439,7 @@ impl Dvm {
                 s.drain();
             }
         }
-        Ok(done)
+        done
     }
 
     /// The completion half of a DSB: every recipient that is behind is drained. After this

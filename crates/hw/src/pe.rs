@@ -13,7 +13,8 @@
 //!   act on EL2&0.
 //!
 //! A PE applies `TLBI` messages from the DVM interconnect ([`crate::Dvm`]) with the scopes
-//! of [`tlbi_scope`]; [`Pe::tlbi_local`] applies one to this PE alone (the non-shareable
+//! of [`Tlbi::scope`] for a PE ([`TlbiRecipient::pe`]: no ASET, EL2 forms by ASID on EL2&0
+//! with HCR_EL2.E2H); [`Pe::tlbi_local`] applies one to this PE alone (the non-shareable
 //! form). A walk that started before an invalidation does not insert its result after it.
 
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use twinmmu_vmsa::{
 use crate::dvm::{Tlbi, TlbiOp, TlbiRecipient};
 use crate::interconnect::{Completion, DvmError, Inbox, TlbiInsn};
 use crate::mem::{PhysMem, WalkMem};
-use crate::tlb::{Ctx, InvScope, Kind, OutputStage2, Tlb, TlbEntry, World};
+use crate::tlb::{Ctx, Kind, OutputStage2, Tlb, TlbEntry, World};
 
 /// The translation regime a PE runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -246,15 +247,6 @@ struct S2Hit {
     level: u8,
 }
 
-/// The scope of `t` on a PE's TLB ([`Tlbi::scope`] for a PE): a PE has no ASET (all its
-/// ASIDs are shared), EL1 forms act on NS-EL1 entries of `t.vmid`, `ALLE1IS` on every
-/// VMID's, EL2 forms on EL2 and, with `vhe` (HCR_EL2.E2H), by ASID on EL2&0 (DDI0487
-/// D8.13; smmu_kvm.md §4.11). `IPAS2E1IS` removes stage-2 entries only: a combined entry
-/// holding that IPA survives it, which is why KVM follows it with `VMALLE1IS`.
-pub fn tlbi_scope(t: &Tlbi, vhe: bool) -> InvScope {
-    t.scope(TlbiRecipient::pe(vhe))
-}
-
 /// Whether `op` may be executed at `regime` (DDI0487 C5.5: the `…E2` and stage-2/all-VMID
 /// forms are EL2 instructions, UNDEFINED at EL1).
 fn el1_allowed(op: TlbiOp) -> bool {
@@ -391,7 +383,7 @@ impl Pe {
     /// Applies `t` to this PE's TLB alone — the non-shareable form of the same TLBI
     /// (`TLBI VMALLE1` for `Vmalle1is`, …), complete on return. Returns the entries removed.
     pub fn tlbi_local(&self, t: &Tlbi) -> usize {
-        let scope = tlbi_scope(t, self.cfg.vhe);
+        let scope = t.scope(TlbiRecipient::pe(self.cfg.vhe));
         let mut tlb = self.tlb.write();
         let n = tlb.invalidate(&scope);
         // Written only under the TLB write lock: a load and a store, no locked add.
@@ -406,7 +398,7 @@ impl Pe {
         let mut tlb = self.tlb.write();
         let vhe = self.cfg.vhe;
         let applied = self.inbox.drain(|m| {
-            let n = tlb.invalidate(&tlbi_scope(&m.tlbi, vhe));
+            let n = tlb.invalidate(&m.tlbi.scope(TlbiRecipient::pe(vhe)));
             m.done.pe_applied(n);
             (true, n)
         });

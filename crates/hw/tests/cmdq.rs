@@ -202,7 +202,11 @@ fn cr0_acknowledged_at_once_and_smmuen_off_terminates_stalls() {
 
 /// A stage-1 stream whose CD stalls faults (CD.S = 1).
 fn stalling_machine() -> (Machine, u64) {
-    let mut m = Machine::new(SmmuConfig::default());
+    stalling_stream(Machine::new(SmmuConfig::default()))
+}
+
+/// StreamID 2 on `m`: stage 1 with CD.S = 1, IOVA 0x1000 mapped RW to DATA.
+fn stalling_stream(mut m: Machine) -> (Machine, u64) {
     let mem = m.mem.clone();
     let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
     b.map(0x1000, DATA, 0x1000, urw()).unwrap();
@@ -515,19 +519,10 @@ fn tbi_tagged_addresses_share_one_entry_and_untagged_tlbi_removes_it() {
 
 /// A stalling stream (CD.S = 1) with an event queue of two entries.
 fn stalling_machine_small_evtq() -> (Machine, u64) {
-    let mut m = Machine::with_queues(SmmuConfig::default(), 1);
-    let mem = m.mem.clone();
-    let mut b = s1_builder(&mem, m.alloc(0x40_0000), Granule::Size4K, 48);
-    b.map(0x1000, DATA, 0x1000, urw()).unwrap();
-    let ttb = b.root();
-    let mut cd = s1_cd(Granule::Size4K, 48, ttb, 1);
-    cd.dw0 = cd.dw0.with_s(true);
-    m.write_cd(CDS, &cd);
-    m.set_ste(2, &s1_ste(CDS, 0, 1));
+    let (m, ttb) = stalling_stream(Machine::with_queues(SmmuConfig::default(), 1));
     // A terminating stream (CD.S = 0) to fill the queue with.
     m.write_cd(CDS + 64, &s1_cd(Granule::Size4K, 48, ttb, 2));
     m.set_ste(3, &s1_ste(CDS + 64, 0, 2));
-    std::mem::forget(b);
     (m, ttb)
 }
 

@@ -1,5 +1,5 @@
 //! The PE model: what each TLBI removes from a PE TLB (against a predicate written from the
-//! architecture's description, not from `tlbi_scope`), the regime rules of TLBI
+//! architecture's description, not from `Tlbi::scope`), the regime rules of TLBI
 //! instructions, and translation through the TLB (stage 1, stage 2, combined).
 #![allow(clippy::unwrap_used)]
 
