@@ -529,33 +529,37 @@ impl GuestMemory {
 
     /// Reads `buf.len()` bytes of guest RAM at `ipa` (may span slots).
     pub fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), Stage2Error> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let a = ipa
-                .checked_add(done as u64)
-                .ok_or(Stage2Error::NotRam { ipa })?;
-            let pa = self.pa(a).ok_or(Stage2Error::NotRam { ipa: a })?;
-            let n = (buf.len() - done).min((0x1000 - (a & 0xfff)) as usize);
-            self.mem
-                .read(pa, &mut buf[done..done + n])
-                .map_err(|_| Stage2Error::NotRam { ipa: a })?;
-            done += n;
-        }
-        Ok(())
+        self.for_each_page(ipa, buf.len(), |pa, range| {
+            self.mem.read(pa, &mut buf[range]).is_ok()
+        })
     }
 
     /// Writes `buf` to guest RAM at `ipa` (may span slots).
     pub fn write(&self, ipa: u64, buf: &[u8]) -> Result<(), Stage2Error> {
+        self.for_each_page(ipa, buf.len(), |pa, range| {
+            self.mem.write(pa, &buf[range]).is_ok()
+        })
+    }
+
+    /// Walks `[ipa, ipa + len)` one host page at a time (slots need not be contiguous in
+    /// host memory), calling `access(pa, range within the buffer)`; the first IPA that is
+    /// not RAM, or whose access fails, is the error.
+    fn for_each_page(
+        &self,
+        ipa: u64,
+        len: usize,
+        mut access: impl FnMut(u64, Range<usize>) -> bool,
+    ) -> Result<(), Stage2Error> {
         let mut done = 0usize;
-        while done < buf.len() {
+        while done < len {
             let a = ipa
                 .checked_add(done as u64)
                 .ok_or(Stage2Error::NotRam { ipa })?;
             let pa = self.pa(a).ok_or(Stage2Error::NotRam { ipa: a })?;
-            let n = (buf.len() - done).min((0x1000 - (a & 0xfff)) as usize);
-            self.mem
-                .write(pa, &buf[done..done + n])
-                .map_err(|_| Stage2Error::NotRam { ipa: a })?;
+            let n = (len - done).min((0x1000 - (a & 0xfff)) as usize);
+            if !access(pa, done..done + n) {
+                return Err(Stage2Error::NotRam { ipa: a });
+            }
             done += n;
         }
         Ok(())
