@@ -486,11 +486,11 @@ impl Vm {
         cpu: usize,
         changes: &Stage2Changes,
     ) -> Result<DvmReport, Stage2Error> {
-        self.check_cpu(cpu)?;
-        let granule = self.config.granule;
-        self.flush(cpu, changes, granule)
+        // flush checks `cpu` before it issues anything.
+        self.flush(cpu, changes, self.config.granule)
     }
 
+    /// For an unmap: refuses a bad `cpu` before the tables change.
     fn check_cpu(&self, cpu: usize) -> Result<(), Stage2Error> {
         let m = self.kvm.machine.as_ref().ok_or(Stage2Error::NoMemory)?;
         m.dvm().pe(cpu)?;
