@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use twinmmu_hw::mem::WalkMem;
 use twinmmu_hw::{FrameAllocator, PhysMem, Tlbi, TlbiOp, cmd::TlbiRange};
 use twinmmu_vmsa::{
     BuildError, ConfigError, Fault, Features, Geometry, Granule, Memory, MemoryMut, S2LeafAttrs,
@@ -21,23 +22,20 @@ use twinmmu_vmsa::{
     walk_stage2,
 };
 
-/// Host memory as the vmsa builder and walker see it.
+/// Host memory as the vmsa builder and walker see it: `hw`'s [`WalkMem`] adapter, owning
+/// its memory so the builder can keep it.
 #[derive(Clone)]
 pub(crate) struct HostMem(pub(crate) Arc<dyn PhysMem>);
 
 impl Memory for HostMem {
     fn read_u64(&self, pa: u64) -> Result<u64, twinmmu_vmsa::MemError> {
-        self.0
-            .read_u64(pa)
-            .map_err(|twinmmu_hw::MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        WalkMem(&*self.0).read_u64(pa)
     }
 }
 
 impl MemoryMut for HostMem {
     fn write_u64(&self, pa: u64, value: u64) -> Result<(), twinmmu_vmsa::MemError> {
-        self.0
-            .write_u64(pa, value)
-            .map_err(|twinmmu_hw::MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        WalkMem(&*self.0).write_u64(pa, value)
     }
 }
 
