@@ -636,12 +636,7 @@ impl<P: Primitives> VmidAllocator<P> {
             Some(idx) => idx,
             None => {
                 // Out of VMIDs: next generation.
-                let first = self.first_version();
-                generation = self
-                    .generation
-                    .fetch_add(first, Relaxed)
-                    .wrapping_add(first);
-                self.flush_context(st, issuer);
+                generation = self.next_generation(st, issuer);
                 rolled_over = true;
                 // The init check leaves a free index after any rollover.
                 st.map.find_next_zero(1).ok_or(VmidError::NoFreeVmid)?
@@ -662,12 +657,22 @@ impl<P: Primitives> VmidAllocator<P> {
     /// rollover's effects without first using up the VMID space.
     pub fn roll_over(&self, issuer: Option<usize>) {
         self.state.with(|st| {
-            let first = self.first_version();
-            self.generation.fetch_add(first, Relaxed);
-            self.flush_context(st, issuer);
+            self.next_generation(st, issuer);
             // new_vmid searches from index 1 right after a rollover.
             st.cur_idx = 1;
         });
+    }
+
+    /// The rollover (lock held), as `new_vmid` does it: `vmid_generation` moves on by
+    /// `FIRST_VERSION`, then `flush_context`. Returns the new generation.
+    fn next_generation(&self, st: &mut Locked, issuer: Option<usize>) -> u64 {
+        let first = self.first_version();
+        let generation = self
+            .generation
+            .fetch_add(first, Relaxed)
+            .wrapping_add(first);
+        self.flush_context(st, issuer);
+        generation
     }
 
     /// `check_update_reserved_vmid`: rewrites *every* reserved slot holding `id`.
