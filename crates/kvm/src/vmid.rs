@@ -520,17 +520,24 @@ impl<P: Primitives> VmidAllocator<P> {
         (id ^ self.generation.load(Relaxed)) >> self.bits.bits() == 0
     }
 
+    /// The per-CPU state of `cpu`, or `CpuOutOfRange`.
+    #[inline]
+    fn slot(&self, cpu: usize) -> Result<&PerCpu<P>, VmidError> {
+        self.percpu
+            .get(cpu)
+            .map(|s| &**s)
+            .ok_or(VmidError::CpuOutOfRange {
+                cpu,
+                ncpus: self.ncpus(),
+            })
+    }
+
     /// `kvm_arm_vmid_update`: makes `vmid` current on `cpu` and returns the VMID to program.
     /// Call it when the vCPU is loaded, before anything can use its stage 2 (smmu_kvm.md
     /// §1.5).
     #[inline]
     pub fn update(&self, cpu: usize, vmid: &KvmVmid<P>) -> Result<VmidUpdate, VmidError> {
-        let Some(slot) = self.percpu.get(cpu) else {
-            return Err(VmidError::CpuOutOfRange {
-                cpu,
-                ncpus: self.ncpus(),
-            });
-        };
+        let slot = self.slot(cpu)?;
         let id = vmid.id.load(Relaxed);
         let old_active = slot.active.load(Relaxed);
         // smmu_kvm.md §1.4 fast path. Read-modify-writes of one location are totally
@@ -588,13 +595,7 @@ impl<P: Primitives> VmidAllocator<P> {
     /// ASID allocator, this stops idle VMs from holding VMID space across rollovers.
     #[inline]
     pub fn clear_active(&self, cpu: usize) -> Result<(), VmidError> {
-        let Some(slot) = self.percpu.get(cpu) else {
-            return Err(VmidError::CpuOutOfRange {
-                cpu,
-                ncpus: self.ncpus(),
-            });
-        };
-        slot.active.store(self.active_invalid(), Relaxed);
+        self.slot(cpu)?.active.store(self.active_invalid(), Relaxed);
         Ok(())
     }
 
