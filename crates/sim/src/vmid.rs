@@ -108,8 +108,6 @@ struct Session {
     config: KvmConfig,
     /// Built at the first operation; settings are refused after that.
     kvm: Option<Arc<Kvm>>,
-    /// The PEs' interconnect the KVM runs on.
-    dvm: Option<Arc<Dvm>>,
     vms: HashMap<String, VmEntry>,
     /// The vCPU loaded on each physical CPU.
     loaded: Vec<Option<Vcpu>>,
@@ -122,7 +120,6 @@ impl Session {
         Session {
             config: KvmConfig::new(4),
             kvm: None,
-            dvm: None,
             vms: HashMap::new(),
             loaded: Vec::new(),
         }
@@ -134,7 +131,10 @@ impl Session {
 
     /// `TLBI …IS` messages the interconnect carried.
     fn broadcasts(&self) -> u64 {
-        self.dvm.as_ref().map_or(0, |d| d.stats().broadcasts)
+        self.kvm
+            .as_ref()
+            .and_then(|k| k.machine())
+            .map_or(0, |m| m.dvm().stats().broadcasts)
     }
 
     /// The answer to one line, or `None` for a blank or comment line.
@@ -275,11 +275,9 @@ impl Session {
             DvmConfig::new(self.config.ncpus).pe(PeConfig::default().tlb_capacity(16)),
             Arc::new(mem),
         );
-        let kvm = Kvm::with_machine(self.config, Machine::new(Arc::clone(&dvm)))
-            .map_err(|e| e.to_string())?;
+        let kvm = Kvm::with_machine(self.config, Machine::new(dvm)).map_err(|e| e.to_string())?;
         self.loaded = (0..self.config.ncpus).map(|_| None).collect();
         self.kvm = Some(Arc::clone(&kvm));
-        self.dvm = Some(dvm);
         Ok(kvm)
     }
 
