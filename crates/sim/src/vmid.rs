@@ -29,8 +29,8 @@ use std::sync::Arc;
 
 use twinmmu_hw::{Dvm, DvmConfig, PeConfig, SparseMem};
 use twinmmu_kvm::{
-    Kvm, KvmConfig, Machine, PinError, Vcpu, Vm, VmConfig, VmidBits, VmidInitError, VmidPin,
-    VmidStats, VmidUpdate,
+    Kvm, KvmConfig, Machine, PinError, Vcpu, Vm, VmConfig, Vmid, VmidBits, VmidInitError, VmidPin,
+    VmidStats,
 };
 
 /// Replay a VMID allocation trace through the KVM VMID allocator (one answer per line).
@@ -206,7 +206,7 @@ impl Session {
                 if let Some(slot) = self.loaded.get_mut(cpu) {
                     *slot = Some(vcpu);
                 }
-                Ok(vmid_answer(&u))
+                Ok(vmid_answer(u.vmid, u.rolled_over))
             }
             ("put", [cpu]) => {
                 let cpu = self.cpu(cpu)?;
@@ -222,11 +222,7 @@ impl Session {
                     PinError::Exhausted { .. } => "exhausted".to_owned(),
                     PinError::NoFreeVmid => "no-free-vmid".to_owned(),
                 })?;
-                let answer = if pin.rolled_over() {
-                    format!("OK {} rollover", pin.vmid())
-                } else {
-                    format!("OK {}", pin.vmid())
-                };
+                let answer = vmid_answer(pin.vmid(), pin.rolled_over());
                 if let Some(entry) = self.vms.get_mut(*name) {
                     entry.pins.push(pin);
                 }
@@ -297,10 +293,11 @@ impl Session {
     }
 }
 
-fn vmid_answer(u: &VmidUpdate) -> String {
-    if u.rolled_over {
-        format!("OK {} rollover", u.vmid)
+/// `OK <vmid>`, plus ` rollover` when getting it rolled the generation over.
+fn vmid_answer(vmid: Vmid, rolled_over: bool) -> String {
+    if rolled_over {
+        format!("OK {vmid} rollover")
     } else {
-        format!("OK {}", u.vmid)
+        format!("OK {vmid}")
     }
 }
