@@ -486,11 +486,11 @@ impl Vm {
         cpu: usize,
         changes: &Stage2Changes,
     ) -> Result<DvmReport, Stage2Error> {
-        self.check_cpu(cpu)?;
-        let granule = self.config.granule;
-        self.flush(cpu, changes, granule)
+        // flush checks `cpu` before it issues anything.
+        self.flush(cpu, changes, self.config.granule)
     }
 
+    /// For an unmap: refuses a bad `cpu` before the tables change.
     fn check_cpu(&self, cpu: usize) -> Result<(), Stage2Error> {
         let m = self.kvm.machine.as_ref().ok_or(Stage2Error::NoMemory)?;
         m.dvm().pe(cpu)?;
@@ -639,6 +639,14 @@ impl Vcpu {
         self.index
     }
 
+    /// Where it is loaded, or the `NotLoaded` error the operations that need it return.
+    fn loaded(&self) -> Result<Loaded, VcpuError> {
+        self.loaded.ok_or(VcpuError::NotLoaded {
+            vm: self.vm.id,
+            vcpu: self.index,
+        })
+    }
+
     /// The physical CPU it is loaded on.
     pub fn loaded_cpu(&self) -> Option<usize> {
         self.loaded.map(|l| l.cpu)
@@ -723,12 +731,8 @@ impl Vcpu {
 
     /// `kvm_arch_vcpu_put`: clears the CPU's active VMID and frees the CPU.
     pub fn put(&mut self) -> Result<(), VcpuError> {
-        let Some(l) = self.loaded.take() else {
-            return Err(VcpuError::NotLoaded {
-                vm: self.vm.id,
-                vcpu: self.index,
-            });
-        };
+        let l = self.loaded()?;
+        self.loaded = None;
         let kvm = &self.vm.kvm;
         if let Some(pe) = kvm.pe(l.cpu) {
             pe.set_context(pe.host_context());
@@ -766,10 +770,7 @@ impl Vcpu {
 
     /// The PE this vCPU is loaded on.
     pub fn pe(&self) -> Result<&Arc<Pe>, VcpuError> {
-        let l = self.loaded.ok_or(VcpuError::NotLoaded {
-            vm: self.vm.id,
-            vcpu: self.index,
-        })?;
+        let l = self.loaded()?;
         self.vm.kvm.pe(l.cpu).ok_or(VcpuError::NoMachine)
     }
 
@@ -783,20 +784,14 @@ impl Vcpu {
     /// VTTBR_EL2) over the DVM. EL2 forms are UNDEFINED for a guest. Complete only after
     /// [`Vcpu::dsb`].
     pub fn tlbi(&self, insn: TlbiInsn) -> Result<Tlbi, VcpuError> {
-        let l = self.loaded.ok_or(VcpuError::NotLoaded {
-            vm: self.vm.id,
-            vcpu: self.index,
-        })?;
+        let l = self.loaded()?;
         let m = self.vm.kvm.machine.as_ref().ok_or(VcpuError::NoMachine)?;
         Ok(m.dvm().tlbi(l.cpu, insn)?)
     }
 
     /// The guest executes `DSB ISH`: its TLBIs are complete on every PE and SMMU.
     pub fn dsb(&self) -> Result<DvmReport, VcpuError> {
-        let l = self.loaded.ok_or(VcpuError::NotLoaded {
-            vm: self.vm.id,
-            vcpu: self.index,
-        })?;
+        let l = self.loaded()?;
         let m = self.vm.kvm.machine.as_ref().ok_or(VcpuError::NoMachine)?;
         Ok(m.dvm().dsb(l.cpu)?)
     }
@@ -811,12 +806,7 @@ impl Vcpu {
     /// be written back and invalidated, the current one included. Empty when the VM's DMA is
     /// coherent. The dirty set is cleared.
     pub fn emulate_wbinvd(&mut self) -> Result<Vec<usize>, VcpuError> {
-        let Some(l) = self.loaded else {
-            return Err(VcpuError::NotLoaded {
-                vm: self.vm.id,
-                vcpu: self.index,
-            });
-        };
+        let l = self.loaded()?;
         if self.vm.wbinvd_emulation() == WbinvdEmulation::Nop {
             return Ok(Vec::new());
         }

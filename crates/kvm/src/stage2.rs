@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use twinmmu_hw::mem::WalkMem;
 use twinmmu_hw::{FrameAllocator, PhysMem, Tlbi, TlbiOp, cmd::TlbiRange};
 use twinmmu_vmsa::{
     BuildError, ConfigError, Fault, Features, Geometry, Granule, Memory, MemoryMut, S2LeafAttrs,
@@ -21,23 +22,20 @@ use twinmmu_vmsa::{
     walk_stage2,
 };
 
-/// Host memory as the vmsa builder and walker see it.
+/// Host memory as the vmsa builder and walker see it: `hw`'s [`WalkMem`] adapter, owning
+/// its memory so the builder can keep it.
 #[derive(Clone)]
 pub(crate) struct HostMem(pub(crate) Arc<dyn PhysMem>);
 
 impl Memory for HostMem {
     fn read_u64(&self, pa: u64) -> Result<u64, twinmmu_vmsa::MemError> {
-        self.0
-            .read_u64(pa)
-            .map_err(|twinmmu_hw::MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        WalkMem(&*self.0).read_u64(pa)
     }
 }
 
 impl MemoryMut for HostMem {
     fn write_u64(&self, pa: u64, value: u64) -> Result<(), twinmmu_vmsa::MemError> {
-        self.0
-            .write_u64(pa, value)
-            .map_err(|twinmmu_hw::MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        WalkMem(&*self.0).write_u64(pa, value)
     }
 }
 
@@ -161,9 +159,6 @@ pub(crate) struct Stage2 {
     builder: TableBuilder<HostMem, FrameAllocator>,
     params: Stage2Params,
     config: Stage2Config,
-    granule: Granule,
-    ipa_bits: u8,
-    frames: FrameAllocator,
     slots: BTreeMap<u64, Slot>,
     mapped: RangeSet,
 }
@@ -240,11 +235,10 @@ impl Stage2 {
             .find(|&s| s2_start_level(granule, s, features) == Some(level))
             .ok_or(ConfigError::S2InvalidSl0 { sl0: 0, granule })?;
         let fmt = TableFormat::stage2(granule, ipa_bits, level, features.oas).ok_or_else(bad)?;
-        let builder =
-            TableBuilder::new(fmt, HostMem(mem), frames.clone()).map_err(|e| match e {
-                BuildError::OutOfMemory { .. } => Stage2Error::OutOfMemory,
-                e => Stage2Error::Build(e),
-            })?;
+        let builder = TableBuilder::new(fmt, HostMem(mem), frames).map_err(|e| match e {
+            BuildError::OutOfMemory { .. } => Stage2Error::OutOfMemory,
+            e => Stage2Error::Build(e),
+        })?;
         let params = Stage2Params {
             s2ttb: builder.root(),
             s2t0sz: 64 - ipa_bits,
@@ -264,9 +258,6 @@ impl Stage2 {
             builder,
             params,
             config,
-            granule,
-            ipa_bits,
-            frames,
             slots: BTreeMap::new(),
             mapped: RangeSet::default(),
         })
@@ -281,13 +272,22 @@ impl Stage2 {
     }
 
     pub(crate) fn granule(&self) -> Granule {
-        self.granule
+        self.config.geometry().granule()
+    }
+
+    fn ipa_bits(&self) -> u8 {
+        self.config.geometry().ia_bits()
+    }
+
+    /// The host frames guest RAM and tables come from (the builder's allocator).
+    fn frames(&self) -> &FrameAllocator {
+        self.builder.allocator()
     }
 
     /// Checks `[ipa, ipa + size)` is granule-aligned, non-empty and inside the IPA space;
     /// returns its end.
     fn check(&self, ipa: u64, size: u64) -> Result<u64, Stage2Error> {
-        let g = self.granule.size();
+        let g = self.granule().size();
         for (what, value) in [("IPA", ipa), ("size", size)] {
             if value % g != 0 {
                 return Err(Stage2Error::Misaligned {
@@ -300,10 +300,10 @@ impl Stage2 {
         let out = Stage2Error::OutOfRange {
             ipa,
             size,
-            ipa_bits: self.ipa_bits,
+            ipa_bits: self.ipa_bits(),
         };
         match ipa.checked_add(size) {
-            Some(end) if size > 0 && (end - 1) >> self.ipa_bits == 0 => Ok(end),
+            Some(end) if size > 0 && (end - 1) >> self.ipa_bits() == 0 => Ok(end),
             _ => Err(out),
         }
     }
@@ -332,7 +332,7 @@ impl Stage2 {
             let left = end - a;
             let fit = 1u64 << (63 - left.leading_zeros());
             let c = align.min(fit).min(1 << 30);
-            match self.frames.alloc(c) {
+            match self.frames().alloc(c) {
                 Ok(pa) => chunks.push(Chunk {
                     ipa: a,
                     pa,
@@ -340,7 +340,7 @@ impl Stage2 {
                 }),
                 Err(_) => {
                     for ch in &chunks {
-                        let _ = self.frames.free(ch.pa, ch.size);
+                        let _ = self.frames().free(ch.pa, ch.size);
                     }
                     return Err(Stage2Error::OutOfMemory);
                 }
@@ -364,7 +364,7 @@ impl Stage2 {
     pub(crate) fn remove_slot(&mut self, ipa: u64) {
         if let Some(slot) = self.slots.remove(&ipa) {
             for ch in &slot.chunks {
-                let _ = self.frames.free(ch.pa, ch.size);
+                let _ = self.frames().free(ch.pa, ch.size);
             }
         }
     }
@@ -433,7 +433,7 @@ impl Stage2 {
                 }
                 // Invalid at this level: the whole region that entry covers is unmapped.
                 Err(f) => {
-                    let shift = self.granule.level_shift(f.level.min(3));
+                    let shift = self.granule().level_shift(f.level.min(3));
                     ((a >> shift) + 1).checked_mul(1 << shift)
                 }
             };
@@ -463,7 +463,7 @@ impl Stage2 {
                 // What was unmapped before the failure still needs maintenance; what is
                 // still mapped goes back into the mapped set.
                 for (base, level) in self.leaves(ipa, end) {
-                    let size = 1u64 << self.granule.level_shift(level);
+                    let size = 1u64 << self.granule().level_shift(level);
                     self.mapped
                         .insert(base.max(ipa), base.saturating_add(size).min(end));
                 }
@@ -489,7 +489,7 @@ impl Stage2 {
     pub(crate) fn destroy(self) {
         for slot in self.slots.values() {
             for ch in &slot.chunks {
-                let _ = self.frames.free(ch.pa, ch.size);
+                let _ = self.frames().free(ch.pa, ch.size);
             }
         }
         let _ = self.builder.destroy();
@@ -529,33 +529,37 @@ impl GuestMemory {
 
     /// Reads `buf.len()` bytes of guest RAM at `ipa` (may span slots).
     pub fn read(&self, ipa: u64, buf: &mut [u8]) -> Result<(), Stage2Error> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let a = ipa
-                .checked_add(done as u64)
-                .ok_or(Stage2Error::NotRam { ipa })?;
-            let pa = self.pa(a).ok_or(Stage2Error::NotRam { ipa: a })?;
-            let n = (buf.len() - done).min((0x1000 - (a & 0xfff)) as usize);
-            self.mem
-                .read(pa, &mut buf[done..done + n])
-                .map_err(|_| Stage2Error::NotRam { ipa: a })?;
-            done += n;
-        }
-        Ok(())
+        self.for_each_page(ipa, buf.len(), |pa, range| {
+            self.mem.read(pa, &mut buf[range]).is_ok()
+        })
     }
 
     /// Writes `buf` to guest RAM at `ipa` (may span slots).
     pub fn write(&self, ipa: u64, buf: &[u8]) -> Result<(), Stage2Error> {
+        self.for_each_page(ipa, buf.len(), |pa, range| {
+            self.mem.write(pa, &buf[range]).is_ok()
+        })
+    }
+
+    /// Walks `[ipa, ipa + len)` one host page at a time (slots need not be contiguous in
+    /// host memory), calling `access(pa, range within the buffer)`; the first IPA that is
+    /// not RAM, or whose access fails, is the error.
+    fn for_each_page(
+        &self,
+        ipa: u64,
+        len: usize,
+        mut access: impl FnMut(u64, Range<usize>) -> bool,
+    ) -> Result<(), Stage2Error> {
         let mut done = 0usize;
-        while done < buf.len() {
+        while done < len {
             let a = ipa
                 .checked_add(done as u64)
                 .ok_or(Stage2Error::NotRam { ipa })?;
             let pa = self.pa(a).ok_or(Stage2Error::NotRam { ipa: a })?;
-            let n = (buf.len() - done).min((0x1000 - (a & 0xfff)) as usize);
-            self.mem
-                .write(pa, &buf[done..done + n])
-                .map_err(|_| Stage2Error::NotRam { ipa: a })?;
+            let n = (len - done).min((0x1000 - (a & 0xfff)) as usize);
+            if !access(pa, done..done + n) {
+                return Err(Stage2Error::NotRam { ipa: a });
+            }
             done += n;
         }
         Ok(())

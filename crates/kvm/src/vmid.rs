@@ -520,17 +520,24 @@ impl<P: Primitives> VmidAllocator<P> {
         (id ^ self.generation.load(Relaxed)) >> self.bits.bits() == 0
     }
 
+    /// The per-CPU state of `cpu`, or `CpuOutOfRange`.
+    #[inline]
+    fn slot(&self, cpu: usize) -> Result<&PerCpu<P>, VmidError> {
+        self.percpu
+            .get(cpu)
+            .map(|s| &**s)
+            .ok_or(VmidError::CpuOutOfRange {
+                cpu,
+                ncpus: self.ncpus(),
+            })
+    }
+
     /// `kvm_arm_vmid_update`: makes `vmid` current on `cpu` and returns the VMID to program.
     /// Call it when the vCPU is loaded, before anything can use its stage 2 (smmu_kvm.md
     /// §1.5).
     #[inline]
     pub fn update(&self, cpu: usize, vmid: &KvmVmid<P>) -> Result<VmidUpdate, VmidError> {
-        let Some(slot) = self.percpu.get(cpu) else {
-            return Err(VmidError::CpuOutOfRange {
-                cpu,
-                ncpus: self.ncpus(),
-            });
-        };
+        let slot = self.slot(cpu)?;
         let id = vmid.id.load(Relaxed);
         let old_active = slot.active.load(Relaxed);
         // smmu_kvm.md §1.4 fast path. Read-modify-writes of one location are totally
@@ -588,13 +595,7 @@ impl<P: Primitives> VmidAllocator<P> {
     /// ASID allocator, this stops idle VMs from holding VMID space across rollovers.
     #[inline]
     pub fn clear_active(&self, cpu: usize) -> Result<(), VmidError> {
-        let Some(slot) = self.percpu.get(cpu) else {
-            return Err(VmidError::CpuOutOfRange {
-                cpu,
-                ncpus: self.ncpus(),
-            });
-        };
-        slot.active.store(self.active_invalid(), Relaxed);
+        self.slot(cpu)?.active.store(self.active_invalid(), Relaxed);
         Ok(())
     }
 
@@ -636,12 +637,7 @@ impl<P: Primitives> VmidAllocator<P> {
             Some(idx) => idx,
             None => {
                 // Out of VMIDs: next generation.
-                let first = self.first_version();
-                generation = self
-                    .generation
-                    .fetch_add(first, Relaxed)
-                    .wrapping_add(first);
-                self.flush_context(st, issuer);
+                generation = self.next_generation(st, issuer);
                 rolled_over = true;
                 // The init check leaves a free index after any rollover.
                 st.map.find_next_zero(1).ok_or(VmidError::NoFreeVmid)?
@@ -662,12 +658,22 @@ impl<P: Primitives> VmidAllocator<P> {
     /// rollover's effects without first using up the VMID space.
     pub fn roll_over(&self, issuer: Option<usize>) {
         self.state.with(|st| {
-            let first = self.first_version();
-            self.generation.fetch_add(first, Relaxed);
-            self.flush_context(st, issuer);
+            self.next_generation(st, issuer);
             // new_vmid searches from index 1 right after a rollover.
             st.cur_idx = 1;
         });
+    }
+
+    /// The rollover (lock held), as `new_vmid` does it: `vmid_generation` moves on by
+    /// `FIRST_VERSION`, then `flush_context`. Returns the new generation.
+    fn next_generation(&self, st: &mut Locked, issuer: Option<usize>) -> u64 {
+        let first = self.first_version();
+        let generation = self
+            .generation
+            .fetch_add(first, Relaxed)
+            .wrapping_add(first);
+        self.flush_context(st, issuer);
+        generation
     }
 
     /// `check_update_reserved_vmid`: rewrites *every* reserved slot holding `id`.

@@ -225,6 +225,13 @@ fn skipped_maintenance_is_seen_stale() {
     assert!(t.tlb_hit);
     assert_eq!(t.pa, pa, "stale: the unmapped page is still reachable");
 
+    // A CPU the machine does not have issues nothing and changes nothing.
+    assert!(matches!(
+        vm.stage2_flush(2, &changes),
+        Err(Stage2Error::Dvm(_))
+    ));
+    assert!(v.translate(ipa + 0x5008, rd()).unwrap().tlb_hit);
+
     // The maintenance KVM does closes it.
     let r = vm.stage2_flush(1, &changes).unwrap();
     assert!(r.pe_removed >= 1);

@@ -132,6 +132,16 @@ fn to_hex(b: &[u8]) -> String {
     s
 }
 
+/// The byte count qtest's `read<b|w|l|q>` / `write<b|w|l|q>` suffix names.
+fn access_size(cmd: &str) -> u8 {
+    match cmd.as_bytes().last() {
+        Some(b'b') => 1,
+        Some(b'w') => 2,
+        Some(b'l') => 4,
+        _ => 8,
+    }
+}
+
 fn arg<'a>(w: &[&'a str], i: usize, what: &str) -> Result<&'a str, String> {
     w.get(i).copied().ok_or_else(|| format!("missing {what}"))
 }
@@ -168,12 +178,7 @@ impl Session {
         let cmd = w[0].to_ascii_lowercase();
         match cmd.as_str() {
             "writeb" | "writew" | "writel" | "writeq" => {
-                let size = match cmd.as_str() {
-                    "writeb" => 1u8,
-                    "writew" => 2,
-                    "writel" => 4,
-                    _ => 8,
-                };
+                let size = access_size(&cmd);
                 let addr = num(arg(w, 1, "ADDR")?)?;
                 let value = num(arg(w, 2, "VALUE")?)?;
                 if let Some(o) = self.mmio_offset(addr) {
@@ -189,12 +194,7 @@ impl Session {
                 Ok("OK".into())
             }
             "readb" | "readw" | "readl" | "readq" => {
-                let size = match cmd.as_str() {
-                    "readb" => 1u8,
-                    "readw" => 2,
-                    "readl" => 4,
-                    _ => 8,
-                };
+                let size = access_size(&cmd);
                 let addr = num(arg(w, 1, "ADDR")?)?;
                 let v = if let Some(o) = self.mmio_offset(addr) {
                     self.smmu.mmio_read(o, size).map_err(|e| e.to_string())?

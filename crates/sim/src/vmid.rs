@@ -29,8 +29,8 @@ use std::sync::Arc;
 
 use twinmmu_hw::{Dvm, DvmConfig, PeConfig, SparseMem};
 use twinmmu_kvm::{
-    Kvm, KvmConfig, Machine, PinError, Vcpu, Vm, VmConfig, VmidBits, VmidInitError, VmidPin,
-    VmidStats, VmidUpdate,
+    Kvm, KvmConfig, Machine, PinError, Vcpu, Vm, VmConfig, Vmid, VmidBits, VmidInitError, VmidPin,
+    VmidStats,
 };
 
 /// Replay a VMID allocation trace through the KVM VMID allocator (one answer per line).
@@ -108,8 +108,6 @@ struct Session {
     config: KvmConfig,
     /// Built at the first operation; settings are refused after that.
     kvm: Option<Arc<Kvm>>,
-    /// The PEs' interconnect the KVM runs on.
-    dvm: Option<Arc<Dvm>>,
     vms: HashMap<String, VmEntry>,
     /// The vCPU loaded on each physical CPU.
     loaded: Vec<Option<Vcpu>>,
@@ -122,7 +120,6 @@ impl Session {
         Session {
             config: KvmConfig::new(4),
             kvm: None,
-            dvm: None,
             vms: HashMap::new(),
             loaded: Vec::new(),
         }
@@ -134,7 +131,10 @@ impl Session {
 
     /// `TLBI …IS` messages the interconnect carried.
     fn broadcasts(&self) -> u64 {
-        self.dvm.as_ref().map_or(0, |d| d.stats().broadcasts)
+        self.kvm
+            .as_ref()
+            .and_then(|k| k.machine())
+            .map_or(0, |m| m.dvm().stats().broadcasts)
     }
 
     /// The answer to one line, or `None` for a blank or comment line.
@@ -206,7 +206,7 @@ impl Session {
                 if let Some(slot) = self.loaded.get_mut(cpu) {
                     *slot = Some(vcpu);
                 }
-                Ok(vmid_answer(&u))
+                Ok(vmid_answer(u.vmid, u.rolled_over))
             }
             ("put", [cpu]) => {
                 let cpu = self.cpu(cpu)?;
@@ -222,11 +222,7 @@ impl Session {
                     PinError::Exhausted { .. } => "exhausted".to_owned(),
                     PinError::NoFreeVmid => "no-free-vmid".to_owned(),
                 })?;
-                let answer = if pin.rolled_over() {
-                    format!("OK {} rollover", pin.vmid())
-                } else {
-                    format!("OK {}", pin.vmid())
-                };
+                let answer = vmid_answer(pin.vmid(), pin.rolled_over());
                 if let Some(entry) = self.vms.get_mut(*name) {
                     entry.pins.push(pin);
                 }
@@ -275,11 +271,9 @@ impl Session {
             DvmConfig::new(self.config.ncpus).pe(PeConfig::default().tlb_capacity(16)),
             Arc::new(mem),
         );
-        let kvm = Kvm::with_machine(self.config, Machine::new(Arc::clone(&dvm)))
-            .map_err(|e| e.to_string())?;
+        let kvm = Kvm::with_machine(self.config, Machine::new(dvm)).map_err(|e| e.to_string())?;
         self.loaded = (0..self.config.ncpus).map(|_| None).collect();
         self.kvm = Some(Arc::clone(&kvm));
-        self.dvm = Some(dvm);
         Ok(kvm)
     }
 
@@ -299,10 +293,11 @@ impl Session {
     }
 }
 
-fn vmid_answer(u: &VmidUpdate) -> String {
-    if u.rolled_over {
-        format!("OK {} rollover", u.vmid)
+/// `OK <vmid>`, plus ` rollover` when getting it rolled the generation over.
+fn vmid_answer(vmid: Vmid, rolled_over: bool) -> String {
+    if rolled_over {
+        format!("OK {vmid} rollover")
     } else {
-        format!("OK {}", u.vmid)
+        format!("OK {vmid}")
     }
 }

@@ -373,3 +373,26 @@ dma 1 - 0x1000 r
     }
     assert_eq!(a[13], "OK 0x0000000000001000");
 }
+
+#[test]
+fn each_access_width_touches_exactly_its_bytes() {
+    let a = run(
+        "writeq 0x40000000 0xffffffffffffffff\nwriteb 0x40000000 0x11\n\
+         writew 0x40000002 0x2233\nwritel 0x40000004 0x44556677\n\
+         readq 0x40000000\nreadb 0x40000001\nreadw 0x40000002\nreadl 0x40000004\n",
+        None,
+    );
+    assert_eq!(
+        a,
+        [
+            "OK",
+            "OK",
+            "OK",
+            "OK",
+            "OK 0x445566772233ff11",
+            "OK 0x00000000000000ff",
+            "OK 0x0000000000002233",
+            "OK 0x0000000044556677",
+        ]
+    );
+}

@@ -57,6 +57,15 @@ impl<T: MemoryMut + ?Sized> MemoryMut for &T {
 const PAGE_SHIFT: u32 = 12;
 const WORDS: usize = 512;
 
+/// The numbers of the 4 KiB pages covering `[pa, pa + len)` (none when `len` is 0).
+fn page_numbers(pa: u64, len: u64) -> std::ops::Range<u64> {
+    let first = pa >> PAGE_SHIFT;
+    match len.checked_sub(1) {
+        Some(last) => first..(pa.saturating_add(last) >> PAGE_SHIFT) + 1,
+        None => first..first,
+    }
+}
+
 /// A sparse, deterministic physical memory for tests: 4 KiB pages that exist once written
 /// (or explicitly added). Reading a page that does not exist is an external abort, so tests can
 /// point a table at "no memory". Not thread-safe (the `hw` crate owns the shared memory).
@@ -72,26 +81,16 @@ impl SparseMemory {
 
     /// Makes the 4 KiB pages covering `[pa, pa + len)` exist (zero-filled where new).
     pub fn add_range(&self, pa: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = pa >> PAGE_SHIFT;
-        let last = pa.saturating_add(len - 1) >> PAGE_SHIFT;
         let mut pages = self.pages.borrow_mut();
-        for pn in first..=last {
+        for pn in page_numbers(pa, len) {
             pages.entry(pn).or_insert_with(|| Box::new([0; WORDS]));
         }
     }
 
     /// Removes the 4 KiB pages covering `[pa, pa + len)`: reads there abort again.
     pub fn remove_range(&self, pa: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = pa >> PAGE_SHIFT;
-        let last = pa.saturating_add(len - 1) >> PAGE_SHIFT;
         let mut pages = self.pages.borrow_mut();
-        for pn in first..=last {
+        for pn in page_numbers(pa, len) {
             pages.remove(&pn);
         }
     }

@@ -234,6 +234,44 @@ struct Leaf {
     table: TableRestrictions,
 }
 
+impl Leaf {
+    /// The leaf checks and result both stages share: an Access flag fault when AF = 0 and
+    /// neither AFFD nor HA (smmu_kvm.md §4.10), else the translation of `input`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn translation<P, A>(
+        &self,
+        geo: &Geometry,
+        stage: Stage,
+        af_fault: bool,
+        input: u64,
+        perms: P,
+        attrs: A,
+        global: bool,
+    ) -> Result<Translation<P, A>, Fault> {
+        let d = self.desc;
+        if !d.af() && af_fault {
+            return Err(Fault::new(FaultKind::AccessFlag, self.level, stage));
+        }
+        Ok(Translation {
+            input,
+            output: self.oa_base | (input & ((1u64 << self.shift) - 1)),
+            block_shift: self.shift as u8,
+            level: self.level,
+            start_level: geo.start_level(),
+            granule: geo.granule(),
+            perms,
+            attrs,
+            global,
+            contiguous: d.contiguous(),
+            af: d.af(),
+            dbm: d.dbm(),
+            descriptor: d.0,
+            descriptor_pa: self.desc_pa,
+        })
+    }
+}
+
 /// The descriptor walk shared by both stages: reads from the start level down to a leaf,
 /// checking table and output addresses against `oa_bits`.
 #[inline(always)]
@@ -357,31 +395,23 @@ pub fn walk_stage1<M: Memory + ?Sized, H: TableHook>(
         va,
     )?;
     let d = leaf.desc;
-    if !d.af() && cfg.af_fault {
-        return Err(Fault::new(FaultKind::AccessFlag, leaf.level, Stage::Stage1).into());
-    }
     let attr_index = d.s1_attr_index();
-    Ok(Translation {
-        input: va,
-        output: leaf.oa_base | (va & ((1u64 << leaf.shift) - 1)),
-        block_shift: leaf.shift as u8,
-        level: leaf.level,
-        start_level: geo.start_level(),
-        granule: geo.granule(),
-        perms: S1Perms::from_leaf(d, leaf.table),
-        attrs: S1MemAttrs {
-            attr_index,
-            mair_attr: (cfg.mair >> (attr_index * 8)) as u8,
-            sh: d.sh(),
-            ns: d.s1_ns(),
-        },
-        global: !d.s1_ng(),
-        contiguous: d.contiguous(),
-        af: d.af(),
-        dbm: d.dbm(),
-        descriptor: d.0,
-        descriptor_pa: leaf.desc_pa,
-    })
+    let attrs = S1MemAttrs {
+        attr_index,
+        mair_attr: (cfg.mair >> (attr_index * 8)) as u8,
+        sh: d.sh(),
+        ns: d.s1_ns(),
+    };
+    let perms = S1Perms::from_leaf(d, leaf.table);
+    Ok(leaf.translation(
+        &geo,
+        Stage::Stage1,
+        cfg.af_fault,
+        va,
+        perms,
+        attrs,
+        !d.s1_ng(),
+    )?)
 }
 
 /// Stage-2 walk of `ipa`: an IPA at or above 2^(64 − S2T0SZ) is a stage-2 Translation fault
@@ -425,26 +455,10 @@ pub fn walk_stage2_with<M: Memory + ?Sized, H: TableHook>(
         ipa,
     )?;
     let d = leaf.desc;
-    if !d.af() && cfg.af_fault {
-        return Err(Fault::new(FaultKind::AccessFlag, leaf.level, Stage::Stage2).into());
-    }
-    Ok(Translation {
-        input: ipa,
-        output: leaf.oa_base | (ipa & ((1u64 << leaf.shift) - 1)),
-        block_shift: leaf.shift as u8,
-        level: leaf.level,
-        start_level: geo.start_level(),
-        granule: geo.granule(),
-        perms: S2Perms::from_leaf(d, cfg.xnx),
-        attrs: S2MemAttrs {
-            mem_attr: d.s2_mem_attr(),
-            sh: d.sh(),
-        },
-        global: true,
-        contiguous: d.contiguous(),
-        af: d.af(),
-        dbm: d.dbm(),
-        descriptor: d.0,
-        descriptor_pa: leaf.desc_pa,
-    })
+    let attrs = S2MemAttrs {
+        mem_attr: d.s2_mem_attr(),
+        sh: d.sh(),
+    };
+    let perms = S2Perms::from_leaf(d, cfg.xnx);
+    Ok(leaf.translation(&geo, Stage::Stage2, cfg.af_fault, ipa, perms, attrs, true)?)
 }
