@@ -114,6 +114,27 @@ pub enum DmaError {
     BusError { pa: u64 },
 }
 
+impl DmaError {
+    /// What a DMA reports for a transaction that did not translate (`o`, from
+    /// [`Smmu::fail`]) after `done` bytes.
+    pub(crate) fn of(o: Outcome, done: usize) -> DmaError {
+        match o {
+            Outcome::Fault {
+                event,
+                recorded,
+                termination,
+            } => DmaError::Fault {
+                event,
+                recorded,
+                termination,
+            },
+            Outcome::Stalled { stag, event } => DmaError::Stalled { stag, event, done },
+            // The fault rules never translate.
+            Outcome::Abort | Outcome::Translated { .. } => DmaError::Abort,
+        }
+    }
+}
+
 /// What a resumed or terminated stalled transaction finally did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StallResult {
@@ -338,7 +359,7 @@ impl Smmu {
 
     #[cold]
     #[inline(never)]
-    fn fail_translate(&self, txn: &Transaction, f: Fail) -> Outcome {
+    pub(crate) fn fail_translate(&self, txn: &Transaction, f: Fail) -> Outcome {
         self.fail(txn, f, PendingOp::Translate)
     }
 
@@ -351,58 +372,8 @@ impl Smmu {
         buf: &mut [u8],
         privileged: bool,
     ) -> Result<(), DmaError> {
-        self.dma_read_kind(sid, ssid, iova, buf, privileged, AccessKind::Read)
-    }
-
-    pub(crate) fn dma_read_kind(
-        &self,
-        sid: u32,
-        ssid: Option<u32>,
-        iova: u64,
-        buf: &mut [u8],
-        privileged: bool,
-        kind: AccessKind,
-    ) -> Result<(), DmaError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let a = iova.wrapping_add(done as u64);
-            // Split at 4 KiB, the smallest page a translation can have.
-            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
-            let txn = Transaction::new(sid, ssid, a, kind, privileged);
-            match self.resolve(&txn, false) {
-                Ok(r) => self
-                    .mem
-                    .read(r.pa, &mut buf[done..done + chunk])
-                    .map_err(|_| DmaError::BusError { pa: r.pa })?,
-                Err(f) => {
-                    let op = PendingOp::Read {
-                        len: buf.len() - done,
-                    };
-                    match self.fail(&txn, f, op) {
-                        Outcome::Fault {
-                            event,
-                            recorded,
-                            termination,
-                        } => {
-                            if termination == Termination::RazWi {
-                                buf[done..].fill(0);
-                            }
-                            return Err(DmaError::Fault {
-                                event,
-                                recorded,
-                                termination,
-                            });
-                        }
-                        Outcome::Stalled { stag, event } => {
-                            return Err(DmaError::Stalled { stag, event, done });
-                        }
-                        _ => return Err(DmaError::Abort),
-                    }
-                }
-            }
-            done += chunk;
-        }
-        Ok(())
+        let resolve = |txn: &Transaction| self.resolve(txn, false).map(|r| r.pa);
+        self.dma_read_via(sid, ssid, iova, buf, privileged, AccessKind::Read, resolve)
     }
 
     /// Writes `data` at IOVA `iova` as a data write of `sid`/`ssid`.
@@ -414,33 +385,82 @@ impl Smmu {
         data: &[u8],
         privileged: bool,
     ) -> Result<(), DmaError> {
+        let resolve = |txn: &Transaction| self.resolve(txn, false).map(|r| r.pa);
+        self.dma_write_via(sid, ssid, iova, data, privileged, resolve)
+    }
+
+    /// A read of `buf.len()` bytes at `iova` as transactions of `kind`, split at 4 KiB (the
+    /// smallest page a translation can have), each translated by `resolve`: the SMMU's flow,
+    /// or a DMA port's micro-TLB in front of it. A failed chunk goes through the fault rules
+    /// with what remained to read; RAZ/WI zeroes it.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(crate) fn dma_read_via(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        buf: &mut [u8],
+        privileged: bool,
+        kind: AccessKind,
+        mut resolve: impl FnMut(&Transaction) -> Result<u64, Fail>,
+    ) -> Result<(), DmaError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let a = iova.wrapping_add(done as u64);
+            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
+            let txn = Transaction::new(sid, ssid, a, kind, privileged);
+            match resolve(&txn) {
+                Ok(pa) => self
+                    .mem
+                    .read(pa, &mut buf[done..done + chunk])
+                    .map_err(|_| DmaError::BusError { pa })?,
+                Err(f) => {
+                    let op = PendingOp::Read {
+                        len: buf.len() - done,
+                    };
+                    let e = DmaError::of(self.fail(&txn, f, op), done);
+                    if let DmaError::Fault {
+                        termination: Termination::RazWi,
+                        ..
+                    } = e
+                    {
+                        buf[done..].fill(0);
+                    }
+                    return Err(e);
+                }
+            }
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// [`Smmu::dma_read_via`] for a write of `data`.
+    #[inline(always)]
+    pub(crate) fn dma_write_via(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        data: &[u8],
+        privileged: bool,
+        mut resolve: impl FnMut(&Transaction) -> Result<u64, Fail>,
+    ) -> Result<(), DmaError> {
         let mut done = 0usize;
         while done < data.len() {
             let a = iova.wrapping_add(done as u64);
             let chunk = ((0x1000 - (a & 0xfff)) as usize).min(data.len() - done);
             let txn = Transaction::new(sid, ssid, a, AccessKind::Write, privileged);
-            match self.resolve(&txn, false) {
-                Ok(r) => self
+            match resolve(&txn) {
+                Ok(pa) => self
                     .mem
-                    .write(r.pa, &data[done..done + chunk])
-                    .map_err(|_| DmaError::BusError { pa: r.pa })?,
+                    .write(pa, &data[done..done + chunk])
+                    .map_err(|_| DmaError::BusError { pa })?,
                 Err(f) => {
                     let op = PendingOp::Write {
                         data: data[done..].to_vec(),
                     };
-                    return Err(match self.fail(&txn, f, op) {
-                        Outcome::Fault {
-                            event,
-                            recorded,
-                            termination,
-                        } => DmaError::Fault {
-                            event,
-                            recorded,
-                            termination,
-                        },
-                        Outcome::Stalled { stag, event } => DmaError::Stalled { stag, event, done },
-                        _ => DmaError::Abort,
-                    });
+                    return Err(DmaError::of(self.fail(&txn, f, op), done));
                 }
             }
             done += chunk;
@@ -595,25 +615,20 @@ impl Smmu {
         match &s.op {
             PendingOp::Translate => match self.translate(t) {
                 Outcome::Translated { pa } => StallResult::Translated(pa),
-                Outcome::Fault {
-                    event,
-                    recorded,
-                    termination,
-                } => StallResult::Failed(DmaError::Fault {
-                    event,
-                    recorded,
-                    termination,
-                }),
-                Outcome::Abort => StallResult::Failed(DmaError::Abort),
-                Outcome::Stalled { stag, event } => StallResult::Failed(DmaError::Stalled {
-                    stag,
-                    event,
-                    done: 0,
-                }),
+                o => StallResult::Failed(DmaError::of(o, 0)),
             },
             PendingOp::Read { len } => {
                 let mut buf = vec![0u8; *len];
-                match self.dma_read_kind(t.sid, t.ssid, t.addr, &mut buf, t.privileged, t.kind) {
+                let resolve = |txn: &Transaction| self.resolve(txn, false).map(|r| r.pa);
+                match self.dma_read_via(
+                    t.sid,
+                    t.ssid,
+                    t.addr,
+                    &mut buf,
+                    t.privileged,
+                    t.kind,
+                    resolve,
+                ) {
                     Ok(()) => StallResult::Read(buf),
                     Err(e) => StallResult::Failed(e),
                 }
