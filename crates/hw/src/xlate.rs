@@ -233,6 +233,22 @@ pub(crate) struct Resolved {
     pub fill: Option<Fill>,
 }
 
+impl Resolved {
+    /// `addr` output unchanged (GBPA or STE bypass, both stages bypassed): its 4 KiB page
+    /// for every access.
+    fn identity(addr: u64) -> Self {
+        Resolved {
+            pa: addr,
+            fill: Some(Fill {
+                in_base: addr & !0xfff,
+                shift: 12,
+                out_base: addr & !0xfff,
+                allowed: 0x3f,
+            }),
+        }
+    }
+}
+
 pub(crate) fn access_bit(kind: AccessKind, privileged: bool) -> u8 {
     let k = match kind {
         AccessKind::Read => 0,
@@ -864,15 +880,7 @@ impl Smmu {
             if g.abort() {
                 return Err(Fail::Silent);
             }
-            return Ok(Resolved {
-                pa: txn.addr,
-                fill: Some(Fill {
-                    in_base: txn.addr & !0xfff,
-                    shift: 12,
-                    out_base: txn.addr & !0xfff,
-                    allowed: 0x3f,
-                }),
-            });
+            return Ok(Resolved::identity(txn.addr));
         }
         let ste = match ste {
             Some(s) => {
@@ -891,15 +899,7 @@ impl Smmu {
                     // SubstreamID with stage 1 disabled (IHI0070 7.3.9).
                     return Err(Fail::Fault(XFault::config(EventType::CBadSubstreamid)));
                 }
-                return Ok(Resolved {
-                    pa: txn.addr,
-                    fill: Some(Fill {
-                        in_base: txn.addr & !0xfff,
-                        shift: 12,
-                        out_base: txn.addr & !0xfff,
-                        allowed: 0x3f,
-                    }),
-                });
+                return Ok(Resolved::identity(txn.addr));
             }
             StreamConfig::Translate {
                 s1,
@@ -949,15 +949,7 @@ impl Smmu {
                         ..XFault::config(EventType::FAddrSize)
                     }));
                 }
-                Ok(Resolved {
-                    pa: txn.addr,
-                    fill: Some(Fill {
-                        in_base: txn.addr & !0xfff,
-                        shift: 12,
-                        out_base: txn.addr & !0xfff,
-                        allowed: 0x3f,
-                    }),
-                })
+                Ok(Resolved::identity(txn.addr))
             }
             (None, Some(s2)) => {
                 if txn.addr >> self.cfg.oas_bits != 0 {
