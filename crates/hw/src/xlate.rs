@@ -615,7 +615,9 @@ impl Smmu {
             self.run_op(&s)
         } else {
             terminated(
-                &s,
+                &s.op,
+                s.event,
+                s.recorded,
                 if abort {
                     Termination::Abort
                 } else {
@@ -691,17 +693,7 @@ impl Smmu {
                         event,
                         recorded,
                         termination,
-                    } => match (&s.op, termination) {
-                        (PendingOp::Read { len }, Termination::RazWi) => {
-                            StallResult::Read(vec![0; *len])
-                        }
-                        (PendingOp::Write { .. }, Termination::RazWi) => StallResult::Written,
-                        _ => StallResult::Failed(DmaError::Fault {
-                            event,
-                            recorded,
-                            termination,
-                        }),
-                    },
+                    } => terminated(&s.op, event, recorded, termination),
                     Outcome::Abort => StallResult::Failed(DmaError::Abort),
                     Outcome::Translated { pa } => StallResult::Translated(pa),
                 },
@@ -716,7 +708,10 @@ impl Smmu {
         let keys: Vec<(u32, u16)> = st.pending.keys().filter(|k| k.0 == sid).copied().collect();
         for k in keys {
             if let Some(s) = st.pending.remove(&k) {
-                st.done.insert(k, terminated(&s, Termination::Abort));
+                st.done.insert(
+                    k,
+                    terminated(&s.op, s.event, s.recorded, Termination::Abort),
+                );
             }
         }
     }
@@ -725,7 +720,10 @@ impl Smmu {
         let mut st = self.stalls.lock();
         let all: Vec<((u32, u16), Stalled)> = st.pending.drain().collect();
         for (k, s) in all {
-            st.done.insert(k, terminated(&s, Termination::Abort));
+            st.done.insert(
+                k,
+                terminated(&s.op, s.event, s.recorded, Termination::Abort),
+            );
         }
     }
 
@@ -1844,13 +1842,15 @@ fn ste_fingerprint(d: &[u64; 8]) -> u64 {
     h.finish()
 }
 
-fn terminated(s: &Stalled, t: Termination) -> StallResult {
-    match (&s.op, t) {
+/// What `op` finally did when terminated by `t` after fault `event`: RAZ/WI completes a
+/// read with zeros and a write as done, anything else fails.
+fn terminated(op: &PendingOp, event: EventType, recorded: bool, t: Termination) -> StallResult {
+    match (op, t) {
         (PendingOp::Read { len }, Termination::RazWi) => StallResult::Read(vec![0; *len]),
         (PendingOp::Write { .. }, Termination::RazWi) => StallResult::Written,
         (_, t) => StallResult::Failed(DmaError::Fault {
-            event: s.event,
-            recorded: s.recorded,
+            event,
+            recorded,
             termination: t,
         }),
     }
