@@ -1081,14 +1081,7 @@ impl Smmu {
         } else {
             base + u64::from(sid) * 64
         };
-        let mut d = [0u64; 8];
-        for (i, w) in d.iter_mut().enumerate() {
-            let a = ste_addr + 8 * i as u64;
-            *w = self
-                .mem
-                .read_u64(a)
-                .map_err(|_| Fail::Fault(XFault::fetch(EventType::FSteFetch, a)))?;
-        }
+        let d = self.read_struct(ste_addr, EventType::FSteFetch)?;
         let ste = Ste::from_dwords(d);
         let sc = decode_ste(&ste, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadSte)))?;
@@ -1334,24 +1327,42 @@ impl Smmu {
         Some(e)
     }
 
-    /// Reads 8 bytes of a CD-table structure at `addr` (an IPA when nested).
-    fn cd_read(&self, s2: Option<&S2Config>, addr: u64) -> Result<u64, Fail> {
-        let pa = match s2 {
-            Some(s2) => {
-                self.s2_translate(
+    /// The PA of CD-table address `addr`: an IPA through stage 2 when nested (CLASS = CD).
+    fn cd_pa(&self, s2: Option<&S2Config>, addr: u64) -> Result<u64, Fail> {
+        match s2 {
+            Some(s2) => Ok(self
+                .s2_translate(
                     s2,
                     addr,
                     Access::new(AccessKind::Read, true),
                     FaultClass::Cd,
                     None,
                 )?
-                .pa
-            }
-            None => addr,
-        };
+                .pa),
+            None => Ok(addr),
+        }
+    }
+
+    /// Reads 8 bytes of a CD-table structure at `addr` (an IPA when nested).
+    fn cd_read(&self, s2: Option<&S2Config>, addr: u64) -> Result<u64, Fail> {
+        let pa = self.cd_pa(s2, addr)?;
         self.mem
             .read_u64(pa)
             .map_err(|_| Fail::Fault(XFault::fetch(EventType::FCdFetch, pa)))
+    }
+
+    /// The 64-byte structure (STE or CD) at `pa`; an abort is `event` (F_STE_FETCH,
+    /// F_CD_FETCH) with the address of the failing read.
+    fn read_struct(&self, pa: u64, event: EventType) -> Result<[u64; 8], Fail> {
+        let mut d = [0u64; 8];
+        for (i, w) in d.iter_mut().enumerate() {
+            let a = pa + 8 * i as u64;
+            *w = self
+                .mem
+                .read_u64(a)
+                .map_err(|_| Fail::Fault(XFault::fetch(event, a)))?;
+        }
+        Ok(d)
     }
 
     /// Locates, reads and validates CD `idx` of the stream (IHI0070 3.3.2, 5.3, 5.4).
@@ -1392,28 +1403,8 @@ impl Smmu {
             }
             l2 + (u64::from(idx) & ((1 << leaf_bits) - 1)) * 64
         };
-        let mut d = [0u64; 8];
         // The CD is 64 bytes, naturally aligned: one stage-2 translation covers it.
-        let pa = match s2 {
-            Some(s2) => {
-                self.s2_translate(
-                    s2,
-                    cd_addr,
-                    Access::new(AccessKind::Read, true),
-                    FaultClass::Cd,
-                    None,
-                )?
-                .pa
-            }
-            None => cd_addr,
-        };
-        for (i, w) in d.iter_mut().enumerate() {
-            let a = pa + 8 * i as u64;
-            *w = self
-                .mem
-                .read_u64(a)
-                .map_err(|_| Fail::Fault(XFault::fetch(EventType::FCdFetch, a)))?;
-        }
+        let d = self.read_struct(self.cd_pa(s2, cd_addr)?, EventType::FCdFetch)?;
         // STRW = EL2 is the EL2-E2H world while CR2.E2H = 1 (IHI0070 3.17.5): its CDs have
         // two VA ranges and an ASID, as an EL1 CD does.
         let world = match s1.world {
