@@ -344,13 +344,22 @@ impl S2Hit {
     }
 }
 
-/// The TLB world of a stream's stage-1 translations: STRW = EL2 is EL2&0 (two VA ranges
-/// and an ASID) when CR2.E2H is set (IHI0070 5.2 STRW, 6.3.12).
-pub(crate) fn tlb_world(w: StreamWorld, live: &Live) -> World {
+/// The world a stream's stage 1 translates in: STRW = EL2 is EL2&0 (two VA ranges and an
+/// ASID) when CR2.E2H is set (IHI0070 5.2 STRW, 3.17.5, 6.3.12).
+fn stream_world(w: StreamWorld, live: &Live) -> StreamWorld {
     match w {
+        StreamWorld::NsEl1 => StreamWorld::NsEl1,
+        StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => StreamWorld::El2E2h,
+        StreamWorld::El2 | StreamWorld::El2E2h => StreamWorld::El2,
+    }
+}
+
+/// The TLB world of a stream's stage-1 translations ([`stream_world`]).
+pub(crate) fn tlb_world(w: StreamWorld, live: &Live) -> World {
+    match stream_world(w, live) {
         StreamWorld::NsEl1 => World::NsEl1,
-        StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => World::El2E2h,
-        StreamWorld::El2 | StreamWorld::El2E2h => World::El2,
+        StreamWorld::El2 => World::El2,
+        StreamWorld::El2E2h => World::El2E2h,
     }
 }
 
@@ -1405,13 +1414,9 @@ impl Smmu {
         };
         // The CD is 64 bytes, naturally aligned: one stage-2 translation covers it.
         let d = self.read_struct(self.cd_pa(s2, cd_addr)?, EventType::FCdFetch)?;
-        // STRW = EL2 is the EL2-E2H world while CR2.E2H = 1 (IHI0070 3.17.5): its CDs have
-        // two VA ranges and an ASID, as an EL1 CD does.
-        let world = match s1.world {
-            StreamWorld::NsEl1 => StreamWorld::NsEl1,
-            StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => StreamWorld::El2E2h,
-            StreamWorld::El2 | StreamWorld::El2E2h => StreamWorld::El2,
-        };
+        // Under CR2.E2H an EL2 stream's CDs have two VA ranges and an ASID, as an EL1 CD
+        // does.
+        let world = stream_world(s1.world, live);
         let cd = decode_cd(&ContextDescriptor::from_dwords(d), world, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadCd)))?;
         let mut t = self.tcu.write();
