@@ -534,28 +534,14 @@ impl Tlb {
 
     /// Inserts (or replaces) an entry, evicting one entry if the TLB is full.
     pub fn insert(&mut self, e: TlbEntry) {
-        self.insert_reporting(e);
+        self.insert_with(e, |_, _| false);
     }
 
-    /// [`Tlb::insert`], telling whether `e` replaced an entry of the same context, base and
-    /// size (otherwise it is new to the TLB).
-    pub fn insert_reporting(&mut self, e: TlbEntry) -> bool {
-        self.insert_reporting_with(e, |_, _| false)
-    }
-
-    /// [`Tlb::insert_reporting`] for an owner that serves hits from its own index of the
-    /// entries (the SMMU's hit array): CLOCK asks `used_elsewhere(entry, context id)`
-    /// whether an entry was referenced there since the hand last passed (and the owner
-    /// clears its bit), so entries hit only through the index get their second chance.
-    pub fn insert_reporting_with(
-        &mut self,
-        e: TlbEntry,
-        used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
-    ) -> bool {
-        self.insert_with(e, used_elsewhere).replaced
-    }
-
-    /// [`Tlb::insert_reporting_with`], also giving the id of the context holding `e`.
+    /// [`Tlb::insert`] for an owner that serves hits from its own index of the entries (the
+    /// SMMU's hit array): CLOCK asks `used_elsewhere(entry, context id)` whether an entry
+    /// was referenced there since the hand last passed (and the owner clears its bit), so
+    /// entries hit only through the index get their second chance. Tells whether `e`
+    /// replaced an entry of the same context, base and size, and the context holding it.
     pub fn insert_with(
         &mut self,
         e: TlbEntry,
