@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 use twinmmu_vmsa::{Access, AccessKind, S1Controls, S1Perms, S2Perms};
 
 use crate::ste::AttrOverride;
-use crate::tlb::{Ctx, EntryPerms, TlbEntry};
+use crate::tlb::{Ctx, EntryPerms, TlbEntry, page_key};
 use crate::xlate::{access_bit, effective, perms_allow};
 
 /// The atomic word of a [`SeqSlot`], with the orderings chosen by the slot's code, not by
@@ -130,11 +130,6 @@ fn mix(a: u64, b: u64) -> u64 {
 #[inline(always)]
 fn preferred_way(fp: u32) -> usize {
     (fp >> 8) as usize % WAYS
-}
-
-#[inline(always)]
-fn page(addr: u64, shift: u8) -> u64 {
-    ((addr >> shift) << 6) | u64::from(shift)
 }
 
 /// The effective accesses (bit `kind * 2 + privileged`, as `access_bit`) the entry's
@@ -274,7 +269,7 @@ impl HitTlb {
 
     #[inline(always)]
     fn probe_at(&self, id: u64, addr: u64, shift: u8) -> Option<(usize, [u64; 5])> {
-        let (base, fp) = self.locate(id, page(addr, shift));
+        let (base, fp) = self.locate(id, page_key(addr, shift));
         // Inserts prefer the key's own way, so the first comparison usually decides.
         let first = preferred_way(fp);
         let way = if self.fps[base + first].load(Ordering::Acquire) == fp {
@@ -350,7 +345,7 @@ impl HitTlb {
 
     /// The slot holding exactly `e`'s key under context `id`, if any (writer only).
     fn find(&self, id: u64, e: &TlbEntry) -> Option<usize> {
-        let (base, fp) = self.locate(id, page(e.in_base, e.shift));
+        let (base, fp) = self.locate(id, page_key(e.in_base, e.shift));
         let holds = |i: usize| {
             self.fps[i].load(Ordering::Relaxed) == fp
                 && self.slots[i].read().is_some_and(|v| {
@@ -382,7 +377,7 @@ impl HitTlb {
 
     #[inline]
     fn insert_as(&self, id: u64, e: &TlbEntry, may_exist: bool) -> Option<u64> {
-        let (base, fp) = self.locate(id, page(e.in_base, e.shift));
+        let (base, fp) = self.locate(id, page_key(e.in_base, e.shift));
         let own = base + preferred_way(fp);
         let found = if may_exist { self.find(id, e) } else { None };
         let mut dropped = None;

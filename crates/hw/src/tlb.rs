@@ -390,7 +390,10 @@ pub struct Tlb {
     whole_drops: u64,
 }
 
-fn page_key(addr: u64, shift: u8) -> u64 {
+/// The key of the page or block of size 2^`shift` holding `addr`: its number with the
+/// size in the low 6 bits (the store's maps and the hit array's slots).
+#[inline(always)]
+pub(crate) fn page_key(addr: u64, shift: u8) -> u64 {
     ((addr >> shift) << 6) | u64::from(shift)
 }
 
