@@ -33,11 +33,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 
-use twinmmu_vmsa::{Access, AccessKind, S1Controls, S1Perms, S2Perms};
+use twinmmu_vmsa::{AccessKind, S1Controls, S1Perms, S2Perms};
 
 use crate::ste::AttrOverride;
 use crate::tlb::{Ctx, EntryPerms, TlbEntry, page_key};
-use crate::xlate::{access_bit, effective, perms_allow};
+use crate::xlate::{access_bit, allowed_mask, effective};
 
 /// The atomic word of a [`SeqSlot`], with the orderings chosen by the slot's code, not by
 /// the implementation: `AtomicU64` with std's fence in the SMMU, loom's in a test, so loom
@@ -132,20 +132,6 @@ fn preferred_way(fp: u32) -> usize {
     (fp >> 8) as usize % WAYS
 }
 
-/// The effective accesses (bit `kind * 2 + privileged`, as `access_bit`) the entry's
-/// permissions allow.
-fn allow_mask(p: &EntryPerms) -> u64 {
-    let mut m = 0;
-    for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Execute] {
-        for privileged in [false, true] {
-            if perms_allow(p, Access::new(kind, privileged)).is_ok() {
-                m |= u64::from(access_bit(kind, privileged));
-            }
-        }
-    }
-    m
-}
-
 fn pack_perms(p: &EntryPerms) -> u64 {
     let mut v = 0u64;
     if let Some((perms, ctl, level)) = p.s1 {
@@ -190,6 +176,8 @@ fn unpack_perms(v: u64) -> EntryPerms {
 /// Slot words: context id | VALID, input base, output base, IPA base, and shift [7:0],
 /// granule shift [15:8], allowed effective accesses [21:16], packed permissions [42:24].
 fn encode(id: u64, e: &TlbEntry) -> [u64; 5] {
+    // The effective accesses the permissions allow (no override maps them).
+    let allow = allowed_mask(&e.perms, AttrOverride::Incoming, AttrOverride::Incoming);
     [
         id | VALID,
         e.in_base,
@@ -197,7 +185,7 @@ fn encode(id: u64, e: &TlbEntry) -> [u64; 5] {
         e.ipa_base,
         u64::from(e.shift)
             | (u64::from(e.tg_shift) << 8)
-            | (allow_mask(&e.perms) << 16)
+            | (u64::from(allow) << 16)
             | (pack_perms(&e.perms) << 24),
     ]
 }

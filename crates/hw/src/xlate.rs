@@ -294,7 +294,9 @@ pub(crate) fn perms_allow(p: &EntryPerms, a: Access) -> Result<(), Stage> {
     Ok(())
 }
 
-fn allowed_mask(p: &EntryPerms, privcfg: AttrOverride, instcfg: AttrOverride) -> u8 {
+/// The incoming accesses (bit `kind * 2 + privileged`) whose effective access after the
+/// STE overrides `p` allows.
+pub(crate) fn allowed_mask(p: &EntryPerms, privcfg: AttrOverride, instcfg: AttrOverride) -> u8 {
     let mut m = 0;
     for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Execute] {
         for privileged in [false, true] {
