@@ -472,16 +472,23 @@ pub(crate) struct HitCtx {
     pub global_first: bool,
 }
 
+/// The address the TLB keys stage-1 input `va` by: with TBI (`tbi`: CD.TBI0 and CD.TBI1,
+/// VA\[55\] selecting) the top byte is ignored, VA\[55\] sign-extended, so tagged and
+/// untagged accesses share entries and a TLBI by untagged VA finds them.
+#[inline(always)]
+pub(crate) fn tbi_key(va: u64, tbi: [bool; 2]) -> u64 {
+    if tbi[((va >> 55) & 1) as usize] {
+        (((va << 8) as i64) >> 8) as u64
+    } else {
+        va
+    }
+}
+
 impl HitCtx {
-    /// The address the TLB keys `va` by: with TBI (stage 1 only) the top byte is ignored,
-    /// VA\[55\] sign-extended.
+    /// The address the TLB keys `va` by ([`tbi_key`] for stage 1).
     #[inline(always)]
     pub fn key(&self, va: u64) -> u64 {
-        if self.s1 && self.tbi[((va >> 55) & 1) as usize] {
-            (((va << 8) as i64) >> 8) as u64
-        } else {
-            va
-        }
+        if self.s1 { tbi_key(va, self.tbi) } else { va }
     }
 
     pub fn new(

@@ -30,7 +30,7 @@ use twinmmu_vmsa::{
 use crate::cd::{ContextDescriptor, L1Cd, decode_cd};
 use crate::config::StallModel;
 use crate::event::{Event, EventType, FaultClass};
-use crate::hitpath::HitCtx;
+use crate::hitpath::{HitCtx, tbi_key};
 use crate::mem::WalkMem;
 use crate::regs::StrtabBase;
 use crate::smmu::{Live, Smmu, inc};
@@ -1528,19 +1528,13 @@ impl Smmu {
         access: Access,
         probed: Option<[u64; 2]>,
     ) -> Result<TlbEntry, Fail> {
-        // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
-        // with the canonical address, so tagged and untagged accesses share them and a TLBI
-        // by untagged VA finds them.
-        let tbi = if (va >> 55) & 1 == 1 {
-            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1)
-        } else {
-            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0)
-        };
-        let key_va = if tbi {
-            (((va << 8) as i64) >> 8) as u64
-        } else {
-            va
-        };
+        let key_va = tbi_key(
+            va,
+            [
+                sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0),
+                sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1),
+            ],
+        );
         // The hit path's probe (same tag, same ids under this generation) already missed.
         match self.tlb_lookup_from(ctx, key_va, probed) {
             Some(e) => {
