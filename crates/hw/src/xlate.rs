@@ -1238,20 +1238,7 @@ impl Smmu {
         entries: impl IntoIterator<Item = &'a TlbEntry>,
         gen0: u64,
     ) {
-        let mut entries = entries.into_iter().peekable();
-        if entries.peek().is_none() {
-            return;
-        }
-        let mut t = self.tlb.lock();
-        // An invalidation since the walk started may have covered what it read.
-        if self.tlb_gen.load(Ordering::Acquire) != gen0 {
-            return;
-        }
-        // Under the store lock the generation is exact for the ids read there.
-        let generation = self.ctx_gen.load(Ordering::Acquire);
-        for e in entries {
-            self.insert_locked(&mut t, e, generation);
-        }
+        self.tlb_insert_walk(entries, None, gen0);
     }
 
     /// One insertion under the store lock: the store, then the lookup array and id cache.
@@ -1568,7 +1555,8 @@ impl Smmu {
         let r = self.s1_walk_in(va, key_va, sel, s2, ctx, access, &mut batch);
         // The stage-2 entries of the walk and its stage-1 (or combined) entry go in
         // together, also when a later step faulted: one acquisition of the store lock.
-        let conflict = self.tlb_insert_walk(batch.entries(), r.as_ref().ok(), ctx, gen0);
+        let conflict =
+            self.tlb_insert_walk(batch.entries(), r.as_ref().ok().map(|e| (e, ctx)), gen0);
         if conflict {
             // IHI0070 3.20.1: the lookup would match more than one entry (tables changed
             // without break-before-make and invalidation): the transaction aborts with
@@ -1578,14 +1566,14 @@ impl Smmu {
         r
     }
 
-    /// Inserts a walk's stage-2 `entries`, then its final entry unless that conflicts
-    /// with entries already cached (returns true then); nothing if an invalidation ran
-    /// since `gen0`. Under one acquisition of the store lock.
+    /// Inserts a walk's stage-2 `entries`, then its final entry (`last`, made for lookups
+    /// of context `tag`) unless that conflicts with entries already cached (returns true
+    /// then); nothing if an invalidation ran since `gen0` (read before the walks that made
+    /// them began). Under one acquisition of the store lock.
     fn tlb_insert_walk<'a>(
         &self,
         entries: impl IntoIterator<Item = &'a TlbEntry>,
-        last: Option<&TlbEntry>,
-        tag: Ctx,
+        last: Option<(&TlbEntry, Ctx)>,
         gen0: u64,
     ) -> bool {
         let mut entries = entries.into_iter().peekable();
@@ -1593,14 +1581,16 @@ impl Smmu {
             return false;
         }
         let mut t = self.tlb.lock();
+        // An invalidation since the walk started may have covered what it read.
         if self.tlb_gen.load(Ordering::Acquire) != gen0 {
             return false;
         }
+        // Under the store lock the generation is exact for the ids read there.
         let generation = self.ctx_gen.load(Ordering::Acquire);
         for e in entries {
             self.insert_locked(&mut t, e, generation);
         }
-        let Some(e) = last else {
+        let Some((e, tag)) = last else {
             return false;
         };
         // A lookup of an ASID-tagged context (`tag`) also matches its global twin: a new
