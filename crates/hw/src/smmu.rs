@@ -532,13 +532,13 @@ impl Smmu {
         self.ats.write().insert(sid, ep);
     }
 
-    /// Marks every cached translation possibly stale for the micro-TLBs.
     /// A configuration change (CFGI, or a register translation depends on): hit contexts
     /// filled before it are stale. Callers then bump the epoch.
     pub(crate) fn config_changed(&self) {
         self.ctx_gen.fetch_add(1, Ordering::Release);
     }
 
+    /// Marks every cached translation possibly stale for the micro-TLBs.
     pub(crate) fn bump_epoch(&self) {
         crate::port::publish_epoch(&self.epoch);
     }
@@ -877,9 +877,7 @@ impl Smmu {
     /// Activates a global error: GERROR bit N is toggled so it differs from GERRORN
     /// (IHI0070 7.5); a no-op if that error is already active.
     pub(crate) fn raise_gerror(&self, bit: u32) {
-        let active =
-            (self.gerror.load(Ordering::Acquire) ^ self.gerrorn.load(Ordering::Acquire)) & bit != 0;
-        if active {
+        if self.gerror_active(bit) {
             return;
         }
         self.gerror.fetch_xor(bit, Ordering::AcqRel);
@@ -911,11 +909,9 @@ impl Smmu {
             .into_bits();
             // An aborted GERROR MSI does not signal again (no loop).
             if src == IrqSource::Gerror {
-                self.gerror.fetch_xor(
-                    bit & !(self.gerror.load(Ordering::Acquire)
-                        ^ self.gerrorn.load(Ordering::Acquire)),
-                    Ordering::AcqRel,
-                );
+                if !self.gerror_active(bit) {
+                    self.gerror.fetch_xor(bit, Ordering::AcqRel);
+                }
             } else {
                 self.raise_gerror(bit);
             }
