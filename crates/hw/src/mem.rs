@@ -318,6 +318,14 @@ impl PhysMem for SparseMem {
     }
 }
 
+/// An abort as vmsa's walker reports it (F_WALK_EABT with the address).
+impl From<MemError> for twinmmu_vmsa::MemError {
+    #[inline]
+    fn from(MemError::Abort { addr }: MemError) -> Self {
+        twinmmu_vmsa::MemError { addr }
+    }
+}
+
 /// The SMMU's memory as vmsa's walker sees it: aligned 8-byte descriptor reads through
 /// [`PhysMem`], every abort reported with its address.
 pub struct WalkMem<'a>(pub &'a dyn PhysMem);
@@ -325,34 +333,28 @@ pub struct WalkMem<'a>(pub &'a dyn PhysMem);
 impl twinmmu_vmsa::Memory for WalkMem<'_> {
     #[inline]
     fn read_u64(&self, pa: u64) -> Result<u64, twinmmu_vmsa::MemError> {
-        self.0
-            .read_u64(pa)
-            .map_err(|MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        Ok(self.0.read_u64(pa)?)
     }
 }
 
 impl twinmmu_vmsa::MemoryMut for WalkMem<'_> {
     #[inline]
     fn write_u64(&self, pa: u64, value: u64) -> Result<(), twinmmu_vmsa::MemError> {
-        self.0
-            .write_u64(pa, value)
-            .map_err(|MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        Ok(self.0.write_u64(pa, value)?)
     }
 }
 
 impl twinmmu_vmsa::Memory for SparseMem {
     #[inline]
     fn read_u64(&self, pa: u64) -> Result<u64, twinmmu_vmsa::MemError> {
-        PhysMem::read_u64(self, pa)
-            .map_err(|MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        Ok(PhysMem::read_u64(self, pa)?)
     }
 }
 
 impl twinmmu_vmsa::MemoryMut for SparseMem {
     #[inline]
     fn write_u64(&self, pa: u64, value: u64) -> Result<(), twinmmu_vmsa::MemError> {
-        PhysMem::write_u64(self, pa, value)
-            .map_err(|MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        Ok(PhysMem::write_u64(self, pa, value)?)
     }
 }
 
