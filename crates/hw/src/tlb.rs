@@ -358,8 +358,9 @@ pub struct TlbCounters {
     pub removed: u64,
 }
 
-/// The main TLB. Not internally synchronised: the SMMU holds it under a `RwLock` (lookups
-/// share the read lock; the referenced bit is an atomic so a hit needs no write access).
+/// The main TLB. Not internally synchronised: the SMMU holds it under a `Mutex` (its hits
+/// come from the lock-free hit array), a PE under a `RwLock` whose lookups share the read
+/// lock (the referenced bit is an atomic so a hit needs no write access).
 pub struct Tlb {
     ctxs: HashMap<Ctx, CtxTlb, FxBuildHasher>,
     slots: Vec<Option<Slot>>,
