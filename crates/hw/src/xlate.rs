@@ -677,18 +677,12 @@ impl Smmu {
     /// device, and no record is written), stall again (its record is written now, or it
     /// keeps waiting), or fault and terminate under the configuration in force.
     pub(crate) fn retry_unrecorded_stalls(&self) {
-        let waiting: Vec<((u32, u16), Stalled)> = {
-            let mut st = self.stalls.lock();
-            let keys: Vec<(u32, u16)> = st
-                .pending
-                .iter()
-                .filter(|(_, s)| !s.recorded)
-                .map(|(k, _)| *k)
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| st.pending.remove(&k).map(|s| (k, s)))
-                .collect()
-        };
+        let waiting: Vec<((u32, u16), Stalled)> = self
+            .stalls
+            .lock()
+            .pending
+            .extract_if(|_, s| !s.recorded)
+            .collect();
         for ((sid, stag), s) in waiting {
             if !self.eventq_writable() {
                 // Still not writable: keep waiting (no retry).
@@ -715,26 +709,18 @@ impl Smmu {
 
     /// CMD_STALL_TERM: every stalled transaction of `sid` terminates with an abort.
     pub(crate) fn stall_term(&self, sid: u32) {
-        let mut st = self.stalls.lock();
-        let keys: Vec<(u32, u16)> = st.pending.keys().filter(|k| k.0 == sid).copied().collect();
-        for k in keys {
-            if let Some(s) = st.pending.remove(&k) {
-                st.done.insert(
-                    k,
-                    terminated(&s.op, s.event, s.recorded, Termination::Abort),
-                );
-            }
+        let st = &mut *self.stalls.lock();
+        for (k, s) in st.pending.extract_if(|k, _| k.0 == sid) {
+            let r = terminated(&s.op, s.event, s.recorded, Termination::Abort);
+            st.done.insert(k, r);
         }
     }
 
     pub(crate) fn terminate_all_stalls(&self) {
-        let mut st = self.stalls.lock();
-        let all: Vec<((u32, u16), Stalled)> = st.pending.drain().collect();
-        for (k, s) in all {
-            st.done.insert(
-                k,
-                terminated(&s.op, s.event, s.recorded, Termination::Abort),
-            );
+        let st = &mut *self.stalls.lock();
+        for (k, s) in st.pending.drain() {
+            let r = terminated(&s.op, s.event, s.recorded, Termination::Abort);
+            st.done.insert(k, r);
         }
     }
 
