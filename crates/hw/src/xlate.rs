@@ -610,17 +610,11 @@ impl Smmu {
 
     /// Re-runs a stalled transaction (CMD_RESUME retry) or terminates it.
     pub(crate) fn resume(&self, sid: u32, stag: u16, retry: bool, abort: bool) {
-        let s = {
-            let mut st = self.stalls.lock();
-            // No such stalled transaction, or one whose record software has not seen: no
-            // effect (IHI0070 4.7.1).
-            if !st.pending.get(&(sid, stag)).is_some_and(|s| s.recorded) {
-                return;
-            }
-            st.pending.remove(&(sid, stag))
-        };
-        let Some(s) = s else {
-            return;
+        // No such stalled transaction, or one whose record software has not seen: no
+        // effect (IHI0070 4.7.1).
+        let s = match self.stalls.lock().pending.entry((sid, stag)) {
+            hashbrown::hash_map::Entry::Occupied(e) if e.get().recorded => e.remove(),
+            _ => return,
         };
         let result = if retry {
             self.run_op(&s)
