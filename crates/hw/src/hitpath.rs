@@ -33,11 +33,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 
-use twinmmu_vmsa::{Access, AccessKind, S1Controls, S1Perms, S2Perms};
+use twinmmu_vmsa::{AccessKind, S1Controls, S1Perms, S2Perms};
 
 use crate::ste::AttrOverride;
-use crate::tlb::{Ctx, EntryPerms, TlbEntry};
-use crate::xlate::{access_bit, effective, perms_allow};
+use crate::tlb::{Ctx, EntryPerms, TlbEntry, page_key};
+use crate::xlate::{access_bit, allowed_mask, effective};
 
 /// The atomic word of a [`SeqSlot`], with the orderings chosen by the slot's code, not by
 /// the implementation: `AtomicU64` with std's fence in the SMMU, loom's in a test, so loom
@@ -132,25 +132,6 @@ fn preferred_way(fp: u32) -> usize {
     (fp >> 8) as usize % WAYS
 }
 
-#[inline(always)]
-fn page(addr: u64, shift: u8) -> u64 {
-    ((addr >> shift) << 6) | u64::from(shift)
-}
-
-/// The effective accesses (bit `kind * 2 + privileged`, as `access_bit`) the entry's
-/// permissions allow.
-fn allow_mask(p: &EntryPerms) -> u64 {
-    let mut m = 0;
-    for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Execute] {
-        for privileged in [false, true] {
-            if perms_allow(p, Access::new(kind, privileged)).is_ok() {
-                m |= u64::from(access_bit(kind, privileged));
-            }
-        }
-    }
-    m
-}
-
 fn pack_perms(p: &EntryPerms) -> u64 {
     let mut v = 0u64;
     if let Some((perms, ctl, level)) = p.s1 {
@@ -195,6 +176,8 @@ fn unpack_perms(v: u64) -> EntryPerms {
 /// Slot words: context id | VALID, input base, output base, IPA base, and shift [7:0],
 /// granule shift [15:8], allowed effective accesses [21:16], packed permissions [42:24].
 fn encode(id: u64, e: &TlbEntry) -> [u64; 5] {
+    // The effective accesses the permissions allow (no override maps them).
+    let allow = allowed_mask(&e.perms, AttrOverride::Incoming, AttrOverride::Incoming);
     [
         id | VALID,
         e.in_base,
@@ -202,7 +185,7 @@ fn encode(id: u64, e: &TlbEntry) -> [u64; 5] {
         e.ipa_base,
         u64::from(e.shift)
             | (u64::from(e.tg_shift) << 8)
-            | (allow_mask(&e.perms) << 16)
+            | (u64::from(allow) << 16)
             | (pack_perms(&e.perms) << 24),
     ]
 }
@@ -274,7 +257,7 @@ impl HitTlb {
 
     #[inline(always)]
     fn probe_at(&self, id: u64, addr: u64, shift: u8) -> Option<(usize, [u64; 5])> {
-        let (base, fp) = self.locate(id, page(addr, shift));
+        let (base, fp) = self.locate(id, page_key(addr, shift));
         // Inserts prefer the key's own way, so the first comparison usually decides.
         let first = preferred_way(fp);
         let way = if self.fps[base + first].load(Ordering::Acquire) == fp {
@@ -350,7 +333,7 @@ impl HitTlb {
 
     /// The slot holding exactly `e`'s key under context `id`, if any (writer only).
     fn find(&self, id: u64, e: &TlbEntry) -> Option<usize> {
-        let (base, fp) = self.locate(id, page(e.in_base, e.shift));
+        let (base, fp) = self.locate(id, page_key(e.in_base, e.shift));
         let holds = |i: usize| {
             self.fps[i].load(Ordering::Relaxed) == fp
                 && self.slots[i].read().is_some_and(|v| {
@@ -382,7 +365,7 @@ impl HitTlb {
 
     #[inline]
     fn insert_as(&self, id: u64, e: &TlbEntry, may_exist: bool) -> Option<u64> {
-        let (base, fp) = self.locate(id, page(e.in_base, e.shift));
+        let (base, fp) = self.locate(id, page_key(e.in_base, e.shift));
         let own = base + preferred_way(fp);
         let found = if may_exist { self.find(id, e) } else { None };
         let mut dropped = None;
@@ -489,16 +472,23 @@ pub(crate) struct HitCtx {
     pub global_first: bool,
 }
 
+/// The address the TLB keys stage-1 input `va` by: with TBI (`tbi`: CD.TBI0 and CD.TBI1,
+/// VA\[55\] selecting) the top byte is ignored, VA\[55\] sign-extended, so tagged and
+/// untagged accesses share entries and a TLBI by untagged VA finds them.
+#[inline(always)]
+pub(crate) fn tbi_key(va: u64, tbi: [bool; 2]) -> u64 {
+    if tbi[((va >> 55) & 1) as usize] {
+        (((va << 8) as i64) >> 8) as u64
+    } else {
+        va
+    }
+}
+
 impl HitCtx {
-    /// The address the TLB keys `va` by: with TBI (stage 1 only) the top byte is ignored,
-    /// VA\[55\] sign-extended.
+    /// The address the TLB keys `va` by ([`tbi_key`] for stage 1).
     #[inline(always)]
     pub fn key(&self, va: u64) -> u64 {
-        if self.s1 && self.tbi[((va >> 55) & 1) as usize] {
-            (((va << 8) as i64) >> 8) as u64
-        } else {
-            va
-        }
+        if self.s1 { tbi_key(va, self.tbi) } else { va }
     }
 
     pub fn new(

@@ -97,6 +97,23 @@ fn new_array<T: Default>() -> Box<[T; FAN]> {
     Box::new(std::array::from_fn(|_| T::default()))
 }
 
+/// The radix-tree indexes of page number `pfn`: top, upper, middle, leaf.
+#[inline]
+fn radix(pfn: u64) -> (usize, usize, usize, usize) {
+    (
+        (pfn >> 27) as usize,
+        ((pfn >> 18) & 511) as usize,
+        ((pfn >> 9) & 511) as usize,
+        (pfn & 511) as usize,
+    )
+}
+
+/// The index in its page of the 8-byte word holding `pa`.
+#[inline]
+fn word_index(pa: u64) -> usize {
+    ((pa & (PAGE_SIZE - 1)) >> 3) as usize
+}
+
 fn new_page() -> Box<Page> {
     Box::new(std::array::from_fn(|_| AtomicU64::new(0)))
 }
@@ -179,10 +196,7 @@ impl SparseMem {
 
     /// The page holding `pa` if it exists; `None` if valid but never written.
     fn page(&self, pfn: u64) -> Option<&Page> {
-        let t = (pfn >> 27) as usize;
-        let u = ((pfn >> 18) & 511) as usize;
-        let m = ((pfn >> 9) & 511) as usize;
-        let l = (pfn & 511) as usize;
+        let (t, u, m, l) = radix(pfn);
         let upper = self.top.get(t)?.get()?;
         let mid = upper[u].get()?;
         let leaf = mid[m].get()?;
@@ -190,10 +204,7 @@ impl SparseMem {
     }
 
     fn page_or_create(&self, pfn: u64) -> Option<&Page> {
-        let t = (pfn >> 27) as usize;
-        let u = ((pfn >> 18) & 511) as usize;
-        let m = ((pfn >> 9) & 511) as usize;
-        let l = (pfn & 511) as usize;
+        let (t, u, m, l) = radix(pfn);
         let upper = self.top.get(t)?.get_or_init(new_array);
         let mid = upper[u].get_or_init(new_array);
         let leaf = mid[m].get_or_init(new_array);
@@ -217,18 +228,19 @@ impl SparseMem {
         Ok(())
     }
 
+    /// The 8-byte word holding `pa` (valid memory never written reads as zero).
+    #[inline]
+    fn load_word(&self, pa: u64) -> u64 {
+        self.page(pa >> PAGE_SHIFT)
+            .map_or(0, |page| page[word_index(pa)].load(Ordering::Relaxed))
+    }
+
     fn read_byte(&self, pa: u64) -> u8 {
-        match self.page(pa >> PAGE_SHIFT) {
-            None => 0,
-            Some(page) => {
-                let w = page[((pa & (PAGE_SIZE - 1)) >> 3) as usize].load(Ordering::Relaxed);
-                (w >> ((pa & 7) * 8)) as u8
-            }
-        }
+        (self.load_word(pa) >> ((pa & 7) * 8)) as u8
     }
 
     fn write_byte(&self, page: &Page, pa: u64, v: u8) {
-        let word = &page[((pa & (PAGE_SIZE - 1)) >> 3) as usize];
+        let word = &page[word_index(pa)];
         let shift = (pa & 7) * 8;
         let mask = !(0xffu64 << shift);
         // Read-modify-write of one byte lane: fetch_update keeps concurrent writers to other
@@ -246,13 +258,7 @@ impl PhysMem for SparseMem {
         while i < buf.len() {
             let a = pa + i as u64;
             if a.is_multiple_of(8) && buf.len() - i >= 8 {
-                let w = match self.page(a >> PAGE_SHIFT) {
-                    None => 0,
-                    Some(page) => {
-                        page[((a & (PAGE_SIZE - 1)) >> 3) as usize].load(Ordering::Relaxed)
-                    }
-                };
-                buf[i..i + 8].copy_from_slice(&w.to_le_bytes());
+                buf[i..i + 8].copy_from_slice(&self.load_word(a).to_le_bytes());
                 i += 8;
             } else {
                 buf[i] = self.read_byte(a);
@@ -273,8 +279,7 @@ impl PhysMem for SparseMem {
             if a.is_multiple_of(8) && buf.len() - i >= 8 {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&buf[i..i + 8]);
-                page[((a & (PAGE_SIZE - 1)) >> 3) as usize]
-                    .store(u64::from_le_bytes(b), Ordering::Relaxed);
+                page[word_index(a)].store(u64::from_le_bytes(b), Ordering::Relaxed);
                 i += 8;
             } else {
                 self.write_byte(page, a, buf[i]);
@@ -289,10 +294,7 @@ impl PhysMem for SparseMem {
             if !self.valid_page(pa) {
                 return Err(MemError::Abort { addr: pa });
             }
-            return Ok(match self.page(pa >> PAGE_SHIFT) {
-                None => 0,
-                Some(page) => page[((pa & (PAGE_SIZE - 1)) >> 3) as usize].load(Ordering::Relaxed),
-            });
+            return Ok(self.load_word(pa));
         }
         let mut b = [0u8; 8];
         self.read(pa, &mut b)?;
@@ -307,7 +309,7 @@ impl PhysMem for SparseMem {
             let page = self
                 .page_or_create(pa >> PAGE_SHIFT)
                 .ok_or(MemError::Abort { addr: pa })?;
-            page[((pa & (PAGE_SIZE - 1)) >> 3) as usize].store(value, Ordering::Relaxed);
+            page[word_index(pa)].store(value, Ordering::Relaxed);
             return Ok(());
         }
         self.write(pa, &value.to_le_bytes())
@@ -318,6 +320,14 @@ impl PhysMem for SparseMem {
     }
 }
 
+/// An abort as vmsa's walker reports it (F_WALK_EABT with the address).
+impl From<MemError> for twinmmu_vmsa::MemError {
+    #[inline]
+    fn from(MemError::Abort { addr }: MemError) -> Self {
+        twinmmu_vmsa::MemError { addr }
+    }
+}
+
 /// The SMMU's memory as vmsa's walker sees it: aligned 8-byte descriptor reads through
 /// [`PhysMem`], every abort reported with its address.
 pub struct WalkMem<'a>(pub &'a dyn PhysMem);
@@ -325,34 +335,28 @@ pub struct WalkMem<'a>(pub &'a dyn PhysMem);
 impl twinmmu_vmsa::Memory for WalkMem<'_> {
     #[inline]
     fn read_u64(&self, pa: u64) -> Result<u64, twinmmu_vmsa::MemError> {
-        self.0
-            .read_u64(pa)
-            .map_err(|MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        Ok(self.0.read_u64(pa)?)
     }
 }
 
 impl twinmmu_vmsa::MemoryMut for WalkMem<'_> {
     #[inline]
     fn write_u64(&self, pa: u64, value: u64) -> Result<(), twinmmu_vmsa::MemError> {
-        self.0
-            .write_u64(pa, value)
-            .map_err(|MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        Ok(self.0.write_u64(pa, value)?)
     }
 }
 
 impl twinmmu_vmsa::Memory for SparseMem {
     #[inline]
     fn read_u64(&self, pa: u64) -> Result<u64, twinmmu_vmsa::MemError> {
-        PhysMem::read_u64(self, pa)
-            .map_err(|MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        Ok(PhysMem::read_u64(self, pa)?)
     }
 }
 
 impl twinmmu_vmsa::MemoryMut for SparseMem {
     #[inline]
     fn write_u64(&self, pa: u64, value: u64) -> Result<(), twinmmu_vmsa::MemError> {
-        PhysMem::write_u64(self, pa, value)
-            .map_err(|MemError::Abort { addr }| twinmmu_vmsa::MemError { addr })
+        Ok(PhysMem::write_u64(self, pa, value)?)
     }
 }
 

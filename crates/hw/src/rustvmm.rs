@@ -166,27 +166,12 @@ mod tests {
     use super::*;
     use crate::SmmuConfig;
     use crate::cd::{CdDw0, CdTtb, ContextDescriptor};
+    use crate::mem::WalkMem;
     use crate::ste::{Ste, SteDw0};
     use twinmmu_vmsa::{BumpAllocator, Granule, PaSize, S1LeafAttrs, TableBuilder, TableFormat};
     use vm_memory::{GuestMemoryMmap, IommuMemory};
 
     const RAM: u64 = 0x4000_0000;
-
-    struct W<'a>(&'a dyn PhysMem);
-    impl twinmmu_vmsa::Memory for W<'_> {
-        fn read_u64(&self, pa: u64) -> Result<u64, twinmmu_vmsa::MemError> {
-            self.0
-                .read_u64(pa)
-                .map_err(|_| twinmmu_vmsa::MemError { addr: pa })
-        }
-    }
-    impl twinmmu_vmsa::MemoryMut for W<'_> {
-        fn write_u64(&self, pa: u64, v: u64) -> Result<(), twinmmu_vmsa::MemError> {
-            self.0
-                .write_u64(pa, v)
-                .map_err(|_| twinmmu_vmsa::MemError { addr: pa })
-        }
-    }
 
     #[test]
     fn iommu_memory_dma_goes_through_the_smmu() {
@@ -198,7 +183,7 @@ mod tests {
         let fmt = TableFormat::stage1(Granule::Size4K, 48, PaSize::Bits48).unwrap();
         let mut b = TableBuilder::new(
             fmt,
-            W(&*phys),
+            WalkMem(&*phys),
             BumpAllocator::new(RAM + 0x40_0000, 0x10_0000),
         )
         .unwrap();

@@ -532,13 +532,13 @@ impl Smmu {
         self.ats.write().insert(sid, ep);
     }
 
-    /// Marks every cached translation possibly stale for the micro-TLBs.
     /// A configuration change (CFGI, or a register translation depends on): hit contexts
     /// filled before it are stale. Callers then bump the epoch.
     pub(crate) fn config_changed(&self) {
         self.ctx_gen.fetch_add(1, Ordering::Release);
     }
 
+    /// Marks every cached translation possibly stale for the micro-TLBs.
     pub(crate) fn bump_epoch(&self) {
         crate::port::publish_epoch(&self.epoch);
     }
@@ -877,9 +877,7 @@ impl Smmu {
     /// Activates a global error: GERROR bit N is toggled so it differs from GERRORN
     /// (IHI0070 7.5); a no-op if that error is already active.
     pub(crate) fn raise_gerror(&self, bit: u32) {
-        let active =
-            (self.gerror.load(Ordering::Acquire) ^ self.gerrorn.load(Ordering::Acquire)) & bit != 0;
-        if active {
+        if self.gerror_active(bit) {
             return;
         }
         self.gerror.fetch_xor(bit, Ordering::AcqRel);
@@ -911,11 +909,9 @@ impl Smmu {
             .into_bits();
             // An aborted GERROR MSI does not signal again (no loop).
             if src == IrqSource::Gerror {
-                self.gerror.fetch_xor(
-                    bit & !(self.gerror.load(Ordering::Acquire)
-                        ^ self.gerrorn.load(Ordering::Acquire)),
-                    Ordering::AcqRel,
-                );
+                if !self.gerror_active(bit) {
+                    self.gerror.fetch_xor(bit, Ordering::AcqRel);
+                }
             } else {
                 self.raise_gerror(bit);
             }
@@ -928,41 +924,50 @@ impl Smmu {
     /// queue, the record is lost and EVENTQ_PROD.OVFLG toggled (7.4). Returns whether the
     /// record was written.
     pub(crate) fn record_event(&self, e: &Event) -> bool {
-        let mut q = self.evtq.lock();
-        if !q.enabled || self.gerror_active(Gerror::new().with_eventq_abt_err(true).into_bits()) {
+        let abt = Gerror::new().with_eventq_abt_err(true).into_bits();
+        let Some(was_empty) = self.push_out(&self.evtq, self.cfg.eventqs, &e.encode(), abt) else {
             inc(&self.counters.events_lost);
             return false;
-        }
-        let qp = QPtr {
-            log2: qlog2(q.base, self.cfg.eventqs),
         };
-        if qp.full(q.prod, q.cons) {
-            // Overflow: OVFLG toggles to differ from CONS.OVACKFLG, unless it already does.
-            if (q.prod ^ q.cons) & (1 << 31) == 0 {
-                q.prod ^= 1 << 31;
-            }
-            inc(&self.counters.events_lost);
-            return false;
-        }
-        let was_empty = qp.empty(q.prod, q.cons);
-        let addr = (QueueBase::from_bits(q.base).addr() << 5) + u64::from(qp.idx(q.prod)) * 32;
-        let rec = e.encode();
-        for (i, w) in rec.iter().enumerate() {
-            if self.mem.write_u64(addr + 8 * i as u64, *w).is_err() {
-                // Synchronous abort: PROD does not advance (IHI0070 7.2.2).
-                drop(q);
-                self.raise_gerror(Gerror::new().with_eventq_abt_err(true).into_bits());
-                inc(&self.counters.events_lost);
-                return false;
-            }
-        }
-        q.prod = qp.inc(q.prod);
         inc(&self.counters.events);
-        drop(q);
         if was_empty && IrqCtrl::from_bits(self.irq.lock().irq_ctrl).eventq_irqen() {
             self.signal_irq(IrqSource::Eventq);
         }
         true
+    }
+
+    /// Writes `words` as the entry at PROD of an SMMU-written queue (`max`: its IDR1 size
+    /// limit; the entry size is the words' size) if the queue is writable: enabled and
+    /// without its GERROR `abt` error active. A full queue toggles PROD.OVFLG to differ
+    /// from CONS.OVACKFLG, unless it already does (IHI0070 7.4); an abort while writing
+    /// raises `abt` and PROD does not advance (7.2.2). Returns whether the queue was empty
+    /// before a written entry, `None` if nothing was written.
+    fn push_out(&self, q: &Mutex<OutQueue>, max: u8, words: &[u64], abt: u32) -> Option<bool> {
+        let mut q = q.lock();
+        if !q.enabled || self.gerror_active(abt) {
+            return None;
+        }
+        let qp = QPtr {
+            log2: qlog2(q.base, max),
+        };
+        if qp.full(q.prod, q.cons) {
+            if (q.prod ^ q.cons) & (1 << 31) == 0 {
+                q.prod ^= 1 << 31;
+            }
+            return None;
+        }
+        let was_empty = qp.empty(q.prod, q.cons);
+        let size = 8 * words.len() as u64;
+        let addr = (QueueBase::from_bits(q.base).addr() << 5) + u64::from(qp.idx(q.prod)) * size;
+        for (i, w) in words.iter().enumerate() {
+            if self.mem.write_u64(addr + 8 * i as u64, *w).is_err() {
+                drop(q);
+                self.raise_gerror(abt);
+                return None;
+            }
+        }
+        q.prod = qp.inc(q.prod);
+        Some(was_empty)
     }
 
     /// Writes the record of a stalling fault if the queue is writable. A full queue does
@@ -1007,20 +1012,6 @@ impl Smmu {
         if !self.cfg.pri {
             return false;
         }
-        let mut q = self.priq.lock();
-        if !q.enabled || self.gerror_active(Gerror::new().with_priq_abt_err(true).into_bits()) {
-            return false;
-        }
-        let qp = QPtr {
-            log2: qlog2(q.base, self.cfg.priqs),
-        };
-        if qp.full(q.prod, q.cons) {
-            if (q.prod ^ q.cons) & (1 << 31) == 0 {
-                q.prod ^= 1 << 31;
-            }
-            return false;
-        }
-        let was_empty = qp.empty(q.prod, q.cons);
         // PRI queue entry (Linux arm-smmu-v3.h PRIQ_0/1): SID[31:0], SSID[51:32], PRIV 58,
         // EXEC 59, READ 60, WRITE 61, LAST 62, SSV 63; PRGIndex[8:0], Addr[63:12].
         let w0 = u64::from(sid)
@@ -1032,15 +1023,11 @@ impl Smmu {
             | (u64::from(last) << 62)
             | (u64::from(ssid.is_some()) << 63);
         let w1 = u64::from(prgindex & 0x1ff) | (addr & !0xfff);
-        let a = (QueueBase::from_bits(q.base).addr() << 5) + u64::from(qp.idx(q.prod)) * 16;
-        if self.mem.write_u64(a, w0).is_err() || self.mem.write_u64(a + 8, w1).is_err() {
-            drop(q);
-            self.raise_gerror(Gerror::new().with_priq_abt_err(true).into_bits());
+        let abt = Gerror::new().with_priq_abt_err(true).into_bits();
+        let Some(was_empty) = self.push_out(&self.priq, self.cfg.priqs, &[w0, w1], abt) else {
             return false;
-        }
-        q.prod = qp.inc(q.prod);
+        };
         inc(&self.counters.pri_requests);
-        drop(q);
         if was_empty && IrqCtrl::from_bits(self.irq.lock().irq_ctrl).priq_irqen() {
             self.signal_irq(IrqSource::Priq);
         }

@@ -358,8 +358,9 @@ pub struct TlbCounters {
     pub removed: u64,
 }
 
-/// The main TLB. Not internally synchronised: the SMMU holds it under a `RwLock` (lookups
-/// share the read lock; the referenced bit is an atomic so a hit needs no write access).
+/// The main TLB. Not internally synchronised: the SMMU holds it under a `Mutex` (its hits
+/// come from the lock-free hit array), a PE under a `RwLock` whose lookups share the read
+/// lock (the referenced bit is an atomic so a hit needs no write access).
 pub struct Tlb {
     ctxs: HashMap<Ctx, CtxTlb, FxBuildHasher>,
     slots: Vec<Option<Slot>>,
@@ -390,7 +391,10 @@ pub struct Tlb {
     whole_drops: u64,
 }
 
-fn page_key(addr: u64, shift: u8) -> u64 {
+/// The key of the page or block of size 2^`shift` holding `addr`: its number with the
+/// size in the low 6 bits (the store's maps and the hit array's slots).
+#[inline(always)]
+pub(crate) fn page_key(addr: u64, shift: u8) -> u64 {
     ((addr >> shift) << 6) | u64::from(shift)
 }
 
@@ -534,28 +538,14 @@ impl Tlb {
 
     /// Inserts (or replaces) an entry, evicting one entry if the TLB is full.
     pub fn insert(&mut self, e: TlbEntry) {
-        self.insert_reporting(e);
+        self.insert_with(e, |_, _| false);
     }
 
-    /// [`Tlb::insert`], telling whether `e` replaced an entry of the same context, base and
-    /// size (otherwise it is new to the TLB).
-    pub fn insert_reporting(&mut self, e: TlbEntry) -> bool {
-        self.insert_reporting_with(e, |_, _| false)
-    }
-
-    /// [`Tlb::insert_reporting`] for an owner that serves hits from its own index of the
-    /// entries (the SMMU's hit array): CLOCK asks `used_elsewhere(entry, context id)`
-    /// whether an entry was referenced there since the hand last passed (and the owner
-    /// clears its bit), so entries hit only through the index get their second chance.
-    pub fn insert_reporting_with(
-        &mut self,
-        e: TlbEntry,
-        used_elsewhere: impl FnMut(&TlbEntry, u64) -> bool,
-    ) -> bool {
-        self.insert_with(e, used_elsewhere).replaced
-    }
-
-    /// [`Tlb::insert_reporting_with`], also giving the id of the context holding `e`.
+    /// [`Tlb::insert`] for an owner that serves hits from its own index of the entries (the
+    /// SMMU's hit array): CLOCK asks `used_elsewhere(entry, context id)` whether an entry
+    /// was referenced there since the hand last passed (and the owner clears its bit), so
+    /// entries hit only through the index get their second chance. Tells whether `e`
+    /// replaced an entry of the same context, base and size, and the context holding it.
     pub fn insert_with(
         &mut self,
         e: TlbEntry,

@@ -30,7 +30,7 @@ use twinmmu_vmsa::{
 use crate::cd::{ContextDescriptor, L1Cd, decode_cd};
 use crate::config::StallModel;
 use crate::event::{Event, EventType, FaultClass};
-use crate::hitpath::HitCtx;
+use crate::hitpath::{HitCtx, tbi_key};
 use crate::mem::WalkMem;
 use crate::regs::StrtabBase;
 use crate::smmu::{Live, Smmu, inc};
@@ -112,6 +112,27 @@ pub enum DmaError {
     },
     #[error("external abort from memory at {pa:#x}")]
     BusError { pa: u64 },
+}
+
+impl DmaError {
+    /// What a DMA reports for a transaction that did not translate (`o`, from
+    /// [`Smmu::fail`]) after `done` bytes.
+    pub(crate) fn of(o: Outcome, done: usize) -> DmaError {
+        match o {
+            Outcome::Fault {
+                event,
+                recorded,
+                termination,
+            } => DmaError::Fault {
+                event,
+                recorded,
+                termination,
+            },
+            Outcome::Stalled { stag, event } => DmaError::Stalled { stag, event, done },
+            // The fault rules never translate.
+            Outcome::Abort | Outcome::Translated { .. } => DmaError::Abort,
+        }
+    }
 }
 
 /// What a resumed or terminated stalled transaction finally did.
@@ -212,6 +233,22 @@ pub(crate) struct Resolved {
     pub fill: Option<Fill>,
 }
 
+impl Resolved {
+    /// `addr` output unchanged (GBPA or STE bypass, both stages bypassed): its 4 KiB page
+    /// for every access.
+    fn identity(addr: u64) -> Self {
+        Resolved {
+            pa: addr,
+            fill: Some(Fill {
+                in_base: addr & !0xfff,
+                shift: 12,
+                out_base: addr & !0xfff,
+                allowed: 0x3f,
+            }),
+        }
+    }
+}
+
 pub(crate) fn access_bit(kind: AccessKind, privileged: bool) -> u8 {
     let k = match kind {
         AccessKind::Read => 0,
@@ -257,7 +294,9 @@ pub(crate) fn perms_allow(p: &EntryPerms, a: Access) -> Result<(), Stage> {
     Ok(())
 }
 
-fn allowed_mask(p: &EntryPerms, privcfg: AttrOverride, instcfg: AttrOverride) -> u8 {
+/// The incoming accesses (bit `kind * 2 + privileged`) whose effective access after the
+/// STE overrides `p` allows.
+pub(crate) fn allowed_mask(p: &EntryPerms, privcfg: AttrOverride, instcfg: AttrOverride) -> u8 {
     let mut m = 0;
     for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Execute] {
         for privileged in [false, true] {
@@ -307,13 +346,22 @@ impl S2Hit {
     }
 }
 
-/// The TLB world of a stream's stage-1 translations: STRW = EL2 is EL2&0 (two VA ranges
-/// and an ASID) when CR2.E2H is set (IHI0070 5.2 STRW, 6.3.12).
-pub(crate) fn tlb_world(w: StreamWorld, live: &Live) -> World {
+/// The world a stream's stage 1 translates in: STRW = EL2 is EL2&0 (two VA ranges and an
+/// ASID) when CR2.E2H is set (IHI0070 5.2 STRW, 3.17.5, 6.3.12).
+fn stream_world(w: StreamWorld, live: &Live) -> StreamWorld {
     match w {
+        StreamWorld::NsEl1 => StreamWorld::NsEl1,
+        StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => StreamWorld::El2E2h,
+        StreamWorld::El2 | StreamWorld::El2E2h => StreamWorld::El2,
+    }
+}
+
+/// The TLB world of a stream's stage-1 translations ([`stream_world`]).
+pub(crate) fn tlb_world(w: StreamWorld, live: &Live) -> World {
+    match stream_world(w, live) {
         StreamWorld::NsEl1 => World::NsEl1,
-        StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => World::El2E2h,
-        StreamWorld::El2 | StreamWorld::El2E2h => World::El2,
+        StreamWorld::El2 => World::El2,
+        StreamWorld::El2E2h => World::El2E2h,
     }
 }
 
@@ -338,7 +386,7 @@ impl Smmu {
 
     #[cold]
     #[inline(never)]
-    fn fail_translate(&self, txn: &Transaction, f: Fail) -> Outcome {
+    pub(crate) fn fail_translate(&self, txn: &Transaction, f: Fail) -> Outcome {
         self.fail(txn, f, PendingOp::Translate)
     }
 
@@ -351,58 +399,8 @@ impl Smmu {
         buf: &mut [u8],
         privileged: bool,
     ) -> Result<(), DmaError> {
-        self.dma_read_kind(sid, ssid, iova, buf, privileged, AccessKind::Read)
-    }
-
-    pub(crate) fn dma_read_kind(
-        &self,
-        sid: u32,
-        ssid: Option<u32>,
-        iova: u64,
-        buf: &mut [u8],
-        privileged: bool,
-        kind: AccessKind,
-    ) -> Result<(), DmaError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let a = iova.wrapping_add(done as u64);
-            // Split at 4 KiB, the smallest page a translation can have.
-            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
-            let txn = Transaction::new(sid, ssid, a, kind, privileged);
-            match self.resolve(&txn, false) {
-                Ok(r) => self
-                    .mem
-                    .read(r.pa, &mut buf[done..done + chunk])
-                    .map_err(|_| DmaError::BusError { pa: r.pa })?,
-                Err(f) => {
-                    let op = PendingOp::Read {
-                        len: buf.len() - done,
-                    };
-                    match self.fail(&txn, f, op) {
-                        Outcome::Fault {
-                            event,
-                            recorded,
-                            termination,
-                        } => {
-                            if termination == Termination::RazWi {
-                                buf[done..].fill(0);
-                            }
-                            return Err(DmaError::Fault {
-                                event,
-                                recorded,
-                                termination,
-                            });
-                        }
-                        Outcome::Stalled { stag, event } => {
-                            return Err(DmaError::Stalled { stag, event, done });
-                        }
-                        _ => return Err(DmaError::Abort),
-                    }
-                }
-            }
-            done += chunk;
-        }
-        Ok(())
+        let resolve = |txn: &Transaction| self.resolve(txn, false).map(|r| r.pa);
+        self.dma_read_via(sid, ssid, iova, buf, privileged, AccessKind::Read, resolve)
     }
 
     /// Writes `data` at IOVA `iova` as a data write of `sid`/`ssid`.
@@ -414,33 +412,82 @@ impl Smmu {
         data: &[u8],
         privileged: bool,
     ) -> Result<(), DmaError> {
+        let resolve = |txn: &Transaction| self.resolve(txn, false).map(|r| r.pa);
+        self.dma_write_via(sid, ssid, iova, data, privileged, resolve)
+    }
+
+    /// A read of `buf.len()` bytes at `iova` as transactions of `kind`, split at 4 KiB (the
+    /// smallest page a translation can have), each translated by `resolve`: the SMMU's flow,
+    /// or a DMA port's micro-TLB in front of it. A failed chunk goes through the fault rules
+    /// with what remained to read; RAZ/WI zeroes it.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(crate) fn dma_read_via(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        buf: &mut [u8],
+        privileged: bool,
+        kind: AccessKind,
+        mut resolve: impl FnMut(&Transaction) -> Result<u64, Fail>,
+    ) -> Result<(), DmaError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let a = iova.wrapping_add(done as u64);
+            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
+            let txn = Transaction::new(sid, ssid, a, kind, privileged);
+            match resolve(&txn) {
+                Ok(pa) => self
+                    .mem
+                    .read(pa, &mut buf[done..done + chunk])
+                    .map_err(|_| DmaError::BusError { pa })?,
+                Err(f) => {
+                    let op = PendingOp::Read {
+                        len: buf.len() - done,
+                    };
+                    let e = DmaError::of(self.fail(&txn, f, op), done);
+                    if let DmaError::Fault {
+                        termination: Termination::RazWi,
+                        ..
+                    } = e
+                    {
+                        buf[done..].fill(0);
+                    }
+                    return Err(e);
+                }
+            }
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// [`Smmu::dma_read_via`] for a write of `data`.
+    #[inline(always)]
+    pub(crate) fn dma_write_via(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        data: &[u8],
+        privileged: bool,
+        mut resolve: impl FnMut(&Transaction) -> Result<u64, Fail>,
+    ) -> Result<(), DmaError> {
         let mut done = 0usize;
         while done < data.len() {
             let a = iova.wrapping_add(done as u64);
             let chunk = ((0x1000 - (a & 0xfff)) as usize).min(data.len() - done);
             let txn = Transaction::new(sid, ssid, a, AccessKind::Write, privileged);
-            match self.resolve(&txn, false) {
-                Ok(r) => self
+            match resolve(&txn) {
+                Ok(pa) => self
                     .mem
-                    .write(r.pa, &data[done..done + chunk])
-                    .map_err(|_| DmaError::BusError { pa: r.pa })?,
+                    .write(pa, &data[done..done + chunk])
+                    .map_err(|_| DmaError::BusError { pa })?,
                 Err(f) => {
                     let op = PendingOp::Write {
                         data: data[done..].to_vec(),
                     };
-                    return Err(match self.fail(&txn, f, op) {
-                        Outcome::Fault {
-                            event,
-                            recorded,
-                            termination,
-                        } => DmaError::Fault {
-                            event,
-                            recorded,
-                            termination,
-                        },
-                        Outcome::Stalled { stag, event } => DmaError::Stalled { stag, event, done },
-                        _ => DmaError::Abort,
-                    });
+                    return Err(DmaError::of(self.fail(&txn, f, op), done));
                 }
             }
             done += chunk;
@@ -563,23 +610,19 @@ impl Smmu {
 
     /// Re-runs a stalled transaction (CMD_RESUME retry) or terminates it.
     pub(crate) fn resume(&self, sid: u32, stag: u16, retry: bool, abort: bool) {
-        let s = {
-            let mut st = self.stalls.lock();
-            // No such stalled transaction, or one whose record software has not seen: no
-            // effect (IHI0070 4.7.1).
-            if !st.pending.get(&(sid, stag)).is_some_and(|s| s.recorded) {
-                return;
-            }
-            st.pending.remove(&(sid, stag))
-        };
-        let Some(s) = s else {
-            return;
+        // No such stalled transaction, or one whose record software has not seen: no
+        // effect (IHI0070 4.7.1).
+        let s = match self.stalls.lock().pending.entry((sid, stag)) {
+            hashbrown::hash_map::Entry::Occupied(e) if e.get().recorded => e.remove(),
+            _ => return,
         };
         let result = if retry {
             self.run_op(&s)
         } else {
             terminated(
-                &s,
+                &s.op,
+                s.event,
+                s.recorded,
                 if abort {
                     Termination::Abort
                 } else {
@@ -595,25 +638,20 @@ impl Smmu {
         match &s.op {
             PendingOp::Translate => match self.translate(t) {
                 Outcome::Translated { pa } => StallResult::Translated(pa),
-                Outcome::Fault {
-                    event,
-                    recorded,
-                    termination,
-                } => StallResult::Failed(DmaError::Fault {
-                    event,
-                    recorded,
-                    termination,
-                }),
-                Outcome::Abort => StallResult::Failed(DmaError::Abort),
-                Outcome::Stalled { stag, event } => StallResult::Failed(DmaError::Stalled {
-                    stag,
-                    event,
-                    done: 0,
-                }),
+                o => StallResult::Failed(DmaError::of(o, 0)),
             },
             PendingOp::Read { len } => {
                 let mut buf = vec![0u8; *len];
-                match self.dma_read_kind(t.sid, t.ssid, t.addr, &mut buf, t.privileged, t.kind) {
+                let resolve = |txn: &Transaction| self.resolve(txn, false).map(|r| r.pa);
+                match self.dma_read_via(
+                    t.sid,
+                    t.ssid,
+                    t.addr,
+                    &mut buf,
+                    t.privileged,
+                    t.kind,
+                    resolve,
+                ) {
                     Ok(()) => StallResult::Read(buf),
                     Err(e) => StallResult::Failed(e),
                 }
@@ -633,18 +671,12 @@ impl Smmu {
     /// device, and no record is written), stall again (its record is written now, or it
     /// keeps waiting), or fault and terminate under the configuration in force.
     pub(crate) fn retry_unrecorded_stalls(&self) {
-        let waiting: Vec<((u32, u16), Stalled)> = {
-            let mut st = self.stalls.lock();
-            let keys: Vec<(u32, u16)> = st
-                .pending
-                .iter()
-                .filter(|(_, s)| !s.recorded)
-                .map(|(k, _)| *k)
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| st.pending.remove(&k).map(|s| (k, s)))
-                .collect()
-        };
+        let waiting: Vec<((u32, u16), Stalled)> = self
+            .stalls
+            .lock()
+            .pending
+            .extract_if(|_, s| !s.recorded)
+            .collect();
         for ((sid, stag), s) in waiting {
             if !self.eventq_writable() {
                 // Still not writable: keep waiting (no retry).
@@ -660,17 +692,7 @@ impl Smmu {
                         event,
                         recorded,
                         termination,
-                    } => match (&s.op, termination) {
-                        (PendingOp::Read { len }, Termination::RazWi) => {
-                            StallResult::Read(vec![0; *len])
-                        }
-                        (PendingOp::Write { .. }, Termination::RazWi) => StallResult::Written,
-                        _ => StallResult::Failed(DmaError::Fault {
-                            event,
-                            recorded,
-                            termination,
-                        }),
-                    },
+                    } => terminated(&s.op, event, recorded, termination),
                     Outcome::Abort => StallResult::Failed(DmaError::Abort),
                     Outcome::Translated { pa } => StallResult::Translated(pa),
                 },
@@ -681,20 +703,18 @@ impl Smmu {
 
     /// CMD_STALL_TERM: every stalled transaction of `sid` terminates with an abort.
     pub(crate) fn stall_term(&self, sid: u32) {
-        let mut st = self.stalls.lock();
-        let keys: Vec<(u32, u16)> = st.pending.keys().filter(|k| k.0 == sid).copied().collect();
-        for k in keys {
-            if let Some(s) = st.pending.remove(&k) {
-                st.done.insert(k, terminated(&s, Termination::Abort));
-            }
+        let st = &mut *self.stalls.lock();
+        for (k, s) in st.pending.extract_if(|k, _| k.0 == sid) {
+            let r = terminated(&s.op, s.event, s.recorded, Termination::Abort);
+            st.done.insert(k, r);
         }
     }
 
     pub(crate) fn terminate_all_stalls(&self) {
-        let mut st = self.stalls.lock();
-        let all: Vec<((u32, u16), Stalled)> = st.pending.drain().collect();
-        for (k, s) in all {
-            st.done.insert(k, terminated(&s, Termination::Abort));
+        let st = &mut *self.stalls.lock();
+        for (k, s) in st.pending.drain() {
+            let r = terminated(&s.op, s.event, s.recorded, Termination::Abort);
+            st.done.insert(k, r);
         }
     }
 
@@ -849,15 +869,7 @@ impl Smmu {
             if g.abort() {
                 return Err(Fail::Silent);
             }
-            return Ok(Resolved {
-                pa: txn.addr,
-                fill: Some(Fill {
-                    in_base: txn.addr & !0xfff,
-                    shift: 12,
-                    out_base: txn.addr & !0xfff,
-                    allowed: 0x3f,
-                }),
-            });
+            return Ok(Resolved::identity(txn.addr));
         }
         let ste = match ste {
             Some(s) => {
@@ -876,15 +888,7 @@ impl Smmu {
                     // SubstreamID with stage 1 disabled (IHI0070 7.3.9).
                     return Err(Fail::Fault(XFault::config(EventType::CBadSubstreamid)));
                 }
-                return Ok(Resolved {
-                    pa: txn.addr,
-                    fill: Some(Fill {
-                        in_base: txn.addr & !0xfff,
-                        shift: 12,
-                        out_base: txn.addr & !0xfff,
-                        allowed: 0x3f,
-                    }),
-                });
+                return Ok(Resolved::identity(txn.addr));
             }
             StreamConfig::Translate {
                 s1,
@@ -934,15 +938,7 @@ impl Smmu {
                         ..XFault::config(EventType::FAddrSize)
                     }));
                 }
-                Ok(Resolved {
-                    pa: txn.addr,
-                    fill: Some(Fill {
-                        in_base: txn.addr & !0xfff,
-                        shift: 12,
-                        out_base: txn.addr & !0xfff,
-                        allowed: 0x3f,
-                    }),
-                })
+                Ok(Resolved::identity(txn.addr))
             }
             (None, Some(s2)) => {
                 if txn.addr >> self.cfg.oas_bits != 0 {
@@ -1076,14 +1072,7 @@ impl Smmu {
         } else {
             base + u64::from(sid) * 64
         };
-        let mut d = [0u64; 8];
-        for (i, w) in d.iter_mut().enumerate() {
-            let a = ste_addr + 8 * i as u64;
-            *w = self
-                .mem
-                .read_u64(a)
-                .map_err(|_| Fail::Fault(XFault::fetch(EventType::FSteFetch, a)))?;
-        }
+        let d = self.read_struct(ste_addr, EventType::FSteFetch)?;
         let ste = Ste::from_dwords(d);
         let sc = decode_ste(&ste, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadSte)))?;
@@ -1229,20 +1218,7 @@ impl Smmu {
         entries: impl IntoIterator<Item = &'a TlbEntry>,
         gen0: u64,
     ) {
-        let mut entries = entries.into_iter().peekable();
-        if entries.peek().is_none() {
-            return;
-        }
-        let mut t = self.tlb.lock();
-        // An invalidation since the walk started may have covered what it read.
-        if self.tlb_gen.load(Ordering::Acquire) != gen0 {
-            return;
-        }
-        // Under the store lock the generation is exact for the ids read there.
-        let generation = self.ctx_gen.load(Ordering::Acquire);
-        for e in entries {
-            self.insert_locked(&mut t, e, generation);
-        }
+        self.tlb_insert_walk(entries, None, gen0);
     }
 
     /// One insertion under the store lock: the store, then the lookup array and id cache.
@@ -1329,24 +1305,42 @@ impl Smmu {
         Some(e)
     }
 
-    /// Reads 8 bytes of a CD-table structure at `addr` (an IPA when nested).
-    fn cd_read(&self, s2: Option<&S2Config>, addr: u64) -> Result<u64, Fail> {
-        let pa = match s2 {
-            Some(s2) => {
-                self.s2_translate(
+    /// The PA of CD-table address `addr`: an IPA through stage 2 when nested (CLASS = CD).
+    fn cd_pa(&self, s2: Option<&S2Config>, addr: u64) -> Result<u64, Fail> {
+        match s2 {
+            Some(s2) => Ok(self
+                .s2_translate(
                     s2,
                     addr,
                     Access::new(AccessKind::Read, true),
                     FaultClass::Cd,
                     None,
                 )?
-                .pa
-            }
-            None => addr,
-        };
+                .pa),
+            None => Ok(addr),
+        }
+    }
+
+    /// Reads 8 bytes of a CD-table structure at `addr` (an IPA when nested).
+    fn cd_read(&self, s2: Option<&S2Config>, addr: u64) -> Result<u64, Fail> {
+        let pa = self.cd_pa(s2, addr)?;
         self.mem
             .read_u64(pa)
             .map_err(|_| Fail::Fault(XFault::fetch(EventType::FCdFetch, pa)))
+    }
+
+    /// The 64-byte structure (STE or CD) at `pa`; an abort is `event` (F_STE_FETCH,
+    /// F_CD_FETCH) with the address of the failing read.
+    fn read_struct(&self, pa: u64, event: EventType) -> Result<[u64; 8], Fail> {
+        let mut d = [0u64; 8];
+        for (i, w) in d.iter_mut().enumerate() {
+            let a = pa + 8 * i as u64;
+            *w = self
+                .mem
+                .read_u64(a)
+                .map_err(|_| Fail::Fault(XFault::fetch(event, a)))?;
+        }
+        Ok(d)
     }
 
     /// Locates, reads and validates CD `idx` of the stream (IHI0070 3.3.2, 5.3, 5.4).
@@ -1387,35 +1381,11 @@ impl Smmu {
             }
             l2 + (u64::from(idx) & ((1 << leaf_bits) - 1)) * 64
         };
-        let mut d = [0u64; 8];
         // The CD is 64 bytes, naturally aligned: one stage-2 translation covers it.
-        let pa = match s2 {
-            Some(s2) => {
-                self.s2_translate(
-                    s2,
-                    cd_addr,
-                    Access::new(AccessKind::Read, true),
-                    FaultClass::Cd,
-                    None,
-                )?
-                .pa
-            }
-            None => cd_addr,
-        };
-        for (i, w) in d.iter_mut().enumerate() {
-            let a = pa + 8 * i as u64;
-            *w = self
-                .mem
-                .read_u64(a)
-                .map_err(|_| Fail::Fault(XFault::fetch(EventType::FCdFetch, a)))?;
-        }
-        // STRW = EL2 is the EL2-E2H world while CR2.E2H = 1 (IHI0070 3.17.5): its CDs have
-        // two VA ranges and an ASID, as an EL1 CD does.
-        let world = match s1.world {
-            StreamWorld::NsEl1 => StreamWorld::NsEl1,
-            StreamWorld::El2 | StreamWorld::El2E2h if live.cr2.e2h() => StreamWorld::El2E2h,
-            StreamWorld::El2 | StreamWorld::El2E2h => StreamWorld::El2,
-        };
+        let d = self.read_struct(self.cd_pa(s2, cd_addr)?, EventType::FCdFetch)?;
+        // Under CR2.E2H an EL2 stream's CDs have two VA ranges and an ASID, as an EL1 CD
+        // does.
+        let world = stream_world(s1.world, live);
         let cd = decode_cd(&ContextDescriptor::from_dwords(d), world, &self.cfg)
             .map_err(|_| Fail::Fault(XFault::config(EventType::CBadCd)))?;
         let mut t = self.tcu.write();
@@ -1525,19 +1495,13 @@ impl Smmu {
         access: Access,
         probed: Option<[u64; 2]>,
     ) -> Result<TlbEntry, Fail> {
-        // With TBI the top byte is ignored (VA[55] selects the region): entries are tagged
-        // with the canonical address, so tagged and untagged accesses share them and a TLBI
-        // by untagged VA finds them.
-        let tbi = if (va >> 55) & 1 == 1 {
-            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1)
-        } else {
-            sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0)
-        };
-        let key_va = if tbi {
-            (((va << 8) as i64) >> 8) as u64
-        } else {
-            va
-        };
+        let key_va = tbi_key(
+            va,
+            [
+                sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb0),
+                sel.cd.walk.tbi(twinmmu_vmsa::Ttb::Ttb1),
+            ],
+        );
         // The hit path's probe (same tag, same ids under this generation) already missed.
         match self.tlb_lookup_from(ctx, key_va, probed) {
             Some(e) => {
@@ -1571,7 +1535,8 @@ impl Smmu {
         let r = self.s1_walk_in(va, key_va, sel, s2, ctx, access, &mut batch);
         // The stage-2 entries of the walk and its stage-1 (or combined) entry go in
         // together, also when a later step faulted: one acquisition of the store lock.
-        let conflict = self.tlb_insert_walk(batch.entries(), r.as_ref().ok(), ctx, gen0);
+        let conflict =
+            self.tlb_insert_walk(batch.entries(), r.as_ref().ok().map(|e| (e, ctx)), gen0);
         if conflict {
             // IHI0070 3.20.1: the lookup would match more than one entry (tables changed
             // without break-before-make and invalidation): the transaction aborts with
@@ -1581,14 +1546,14 @@ impl Smmu {
         r
     }
 
-    /// Inserts a walk's stage-2 `entries`, then its final entry unless that conflicts
-    /// with entries already cached (returns true then); nothing if an invalidation ran
-    /// since `gen0`. Under one acquisition of the store lock.
+    /// Inserts a walk's stage-2 `entries`, then its final entry (`last`, made for lookups
+    /// of context `tag`) unless that conflicts with entries already cached (returns true
+    /// then); nothing if an invalidation ran since `gen0` (read before the walks that made
+    /// them began). Under one acquisition of the store lock.
     fn tlb_insert_walk<'a>(
         &self,
         entries: impl IntoIterator<Item = &'a TlbEntry>,
-        last: Option<&TlbEntry>,
-        tag: Ctx,
+        last: Option<(&TlbEntry, Ctx)>,
         gen0: u64,
     ) -> bool {
         let mut entries = entries.into_iter().peekable();
@@ -1596,14 +1561,16 @@ impl Smmu {
             return false;
         }
         let mut t = self.tlb.lock();
+        // An invalidation since the walk started may have covered what it read.
         if self.tlb_gen.load(Ordering::Acquire) != gen0 {
             return false;
         }
+        // Under the store lock the generation is exact for the ids read there.
         let generation = self.ctx_gen.load(Ordering::Acquire);
         for e in entries {
             self.insert_locked(&mut t, e, generation);
         }
-        let Some(e) = last else {
+        let Some((e, tag)) = last else {
             return false;
         };
         // A lookup of an ASID-tagged context (`tag`) also matches its global twin: a new
@@ -1837,20 +1804,22 @@ fn ste_fingerprint(d: &[u64; 8]) -> u64 {
     h.finish()
 }
 
-fn terminated(s: &Stalled, t: Termination) -> StallResult {
-    match (&s.op, t) {
+/// What `op` finally did when terminated by `t` after fault `event`: RAZ/WI completes a
+/// read with zeros and a write as done, anything else fails.
+fn terminated(op: &PendingOp, event: EventType, recorded: bool, t: Termination) -> StallResult {
+    match (op, t) {
         (PendingOp::Read { len }, Termination::RazWi) => StallResult::Read(vec![0; *len]),
         (PendingOp::Write { .. }, Termination::RazWi) => StallResult::Written,
         (_, t) => StallResult::Failed(DmaError::Fault {
-            event: s.event,
-            recorded: s.recorded,
+            event,
+            recorded,
             termination: t,
         }),
     }
 }
 
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn f<T: Send + Sync>() {}
-    f::<Smmu>();
-}
+// Device threads, ports and the command path share one Smmu: checked at compile time.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Smmu>();
+};
