@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use twinmmu_vmsa::AccessKind;
 
 use crate::smmu::Smmu;
-use crate::xlate::{DmaError, Fail, Outcome, Transaction, access_bit};
+use crate::xlate::{DmaError, Outcome, PendingOp, Termination, Transaction, access_bit};
 
 /// The invalidation epoch's atomic word: the two operations the protocol uses, with the
 /// orderings chosen by [`publish_epoch`] and [`MicroTlb::translate`], not by the
@@ -162,30 +162,6 @@ impl MicroTlb {
     }
 }
 
-/// A port's translation of `txn`: its micro-TLB, else the SMMU's flow (whose result it
-/// keeps); a hit is counted, and every `TOUCH_EVERY`th marks the main-TLB entry.
-#[inline(always)]
-fn resolve(
-    smmu: &Smmu,
-    utlb: &mut MicroTlb,
-    hits: &AtomicU64,
-    txn: &Transaction,
-) -> Result<u64, Fail> {
-    let (pa, hit) = utlb.translate(&smmu.epoch, txn, || {
-        smmu.resolve(txn, true)
-            .map(|r| (r.pa, r.fill.map(|f| (r.pa & !0xfff, f.allowed))))
-    })?;
-    if hit {
-        // Single writer: a plain load and store, no read-modify-write.
-        let n = hits.load(Ordering::Relaxed) + 1;
-        hits.store(n, Ordering::Relaxed);
-        if n.is_multiple_of(TOUCH_EVERY) {
-            smmu.touch(txn.sid, txn.ssid, txn.addr);
-        }
-    }
-    Ok(pa)
-}
-
 /// One device's port into the SMMU, with its micro-TLB.
 pub struct DmaPort {
     smmu: Arc<Smmu>,
@@ -223,10 +199,44 @@ impl DmaPort {
     /// a miss goes to the SMMU (configuration cache, main TLB, walk).
     #[inline]
     pub fn translate(&mut self, txn: Transaction) -> Outcome {
-        match resolve(&self.smmu, &mut self.utlb, &self.hits, &txn) {
-            Ok(pa) => Outcome::Translated { pa },
-            Err(f) => self.smmu.fail_translate(&txn, f),
+        self.chunk_op(txn, || PendingOp::Translate)
+    }
+
+    // The port keeps its own chunk loops (`dma_read`, `dma_write`) rather than
+    // `Smmu::dma_read_via`: folding them in made the 2-thread micro-TLB hit of `translate`
+    // cost 3.1 ns instead of 2.4 ns (benches/translate.rs, hit2/utlb), same operations.
+    #[inline(always)]
+    fn chunk_op(&mut self, txn: Transaction, op: impl FnOnce() -> PendingOp) -> Outcome {
+        let smmu = &self.smmu;
+        let r = self.utlb.translate(&smmu.epoch, &txn, || {
+            smmu.resolve(&txn, true)
+                .map(|r| (r.pa, r.fill.map(|f| (r.pa & !0xfff, f.allowed))))
+        });
+        match r {
+            Ok((pa, hit)) => {
+                if hit {
+                    // Single writer: a plain load and store, no read-modify-write.
+                    let n = self.hits.load(Ordering::Relaxed) + 1;
+                    self.hits.store(n, Ordering::Relaxed);
+                    if n.is_multiple_of(TOUCH_EVERY) {
+                        smmu.touch(txn.sid, txn.ssid, txn.addr);
+                    }
+                }
+                Outcome::Translated { pa }
+            }
+            Err(f) => self.failed(&txn, f, op),
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn failed(
+        &self,
+        txn: &Transaction,
+        f: crate::xlate::Fail,
+        op: impl FnOnce() -> PendingOp,
+    ) -> Outcome {
+        self.smmu.fail(txn, f, op())
     }
 
     /// DMA read through the port.
@@ -238,9 +248,41 @@ impl DmaPort {
         buf: &mut [u8],
         privileged: bool,
     ) -> Result<(), DmaError> {
-        let (smmu, utlb, hits) = (&self.smmu, &mut self.utlb, &self.hits);
-        let resolve = |txn: &Transaction| resolve(smmu, utlb, hits, txn);
-        smmu.dma_read_via(sid, ssid, iova, buf, privileged, AccessKind::Read, resolve)
+        let mut done = 0usize;
+        while done < buf.len() {
+            let a = iova.wrapping_add(done as u64);
+            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
+            let txn = Transaction::new(sid, ssid, a, AccessKind::Read, privileged);
+            let len = buf.len() - done;
+            let op = move || PendingOp::Read { len };
+            match self.chunk_op(txn, op) {
+                Outcome::Translated { pa } => self
+                    .smmu
+                    .mem
+                    .read(pa, &mut buf[done..done + chunk])
+                    .map_err(|_| DmaError::BusError { pa })?,
+                Outcome::Fault {
+                    event,
+                    recorded,
+                    termination,
+                } => {
+                    if termination == Termination::RazWi {
+                        buf[done..].fill(0);
+                    }
+                    return Err(DmaError::Fault {
+                        event,
+                        recorded,
+                        termination,
+                    });
+                }
+                Outcome::Abort => return Err(DmaError::Abort),
+                Outcome::Stalled { stag, event } => {
+                    return Err(DmaError::Stalled { stag, event, done });
+                }
+            }
+            done += chunk;
+        }
+        Ok(())
     }
 
     /// DMA write through the port.
@@ -252,9 +294,40 @@ impl DmaPort {
         data: &[u8],
         privileged: bool,
     ) -> Result<(), DmaError> {
-        let (smmu, utlb, hits) = (&self.smmu, &mut self.utlb, &self.hits);
-        let resolve = |txn: &Transaction| resolve(smmu, utlb, hits, txn);
-        smmu.dma_write_via(sid, ssid, iova, data, privileged, resolve)
+        let mut done = 0usize;
+        while done < data.len() {
+            let a = iova.wrapping_add(done as u64);
+            let chunk = ((0x1000 - (a & 0xfff)) as usize).min(data.len() - done);
+            let txn = Transaction::new(sid, ssid, a, AccessKind::Write, privileged);
+            let rest = &data[done..];
+            let op = move || PendingOp::Write {
+                data: rest.to_vec(),
+            };
+            match self.chunk_op(txn, op) {
+                Outcome::Translated { pa } => self
+                    .smmu
+                    .mem
+                    .write(pa, &data[done..done + chunk])
+                    .map_err(|_| DmaError::BusError { pa })?,
+                Outcome::Fault {
+                    event,
+                    recorded,
+                    termination,
+                } => {
+                    return Err(DmaError::Fault {
+                        event,
+                        recorded,
+                        termination,
+                    });
+                }
+                Outcome::Abort => return Err(DmaError::Abort),
+                Outcome::Stalled { stag, event } => {
+                    return Err(DmaError::Stalled { stag, event, done });
+                }
+            }
+            done += chunk;
+        }
+        Ok(())
     }
 
     /// An ATS Translation Request from the device behind this port. ATS traffic does not
