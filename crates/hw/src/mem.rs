@@ -344,6 +344,47 @@ impl twinmmu_vmsa::MemoryMut for WalkMem<'_> {
     fn write_u64(&self, pa: u64, value: u64) -> Result<(), twinmmu_vmsa::MemError> {
         Ok(self.0.write_u64(pa, value)?)
     }
+
+    fn zero(&self, pa: u64, len: u64) -> Result<(), twinmmu_vmsa::MemError> {
+        Ok(zero_range(self.0, pa, len)?)
+    }
+}
+
+/// [`WalkMem`] owning its memory, for a table builder that keeps it (KVM's stage 2, the
+/// driver's page tables).
+#[derive(Clone)]
+pub struct OwnedWalkMem(pub std::sync::Arc<dyn PhysMem>);
+
+impl twinmmu_vmsa::Memory for OwnedWalkMem {
+    #[inline]
+    fn read_u64(&self, pa: u64) -> Result<u64, twinmmu_vmsa::MemError> {
+        WalkMem(&*self.0).read_u64(pa)
+    }
+}
+
+impl twinmmu_vmsa::MemoryMut for OwnedWalkMem {
+    #[inline]
+    fn write_u64(&self, pa: u64, value: u64) -> Result<(), twinmmu_vmsa::MemError> {
+        WalkMem(&*self.0).write_u64(pa, value)
+    }
+
+    fn zero(&self, pa: u64, len: u64) -> Result<(), twinmmu_vmsa::MemError> {
+        WalkMem(&*self.0).zero(pa, len)
+    }
+}
+
+/// Zeroes `[pa, pa + len)` in page-sized writes (new tables, queues, CD and stream tables).
+pub fn zero_range(mem: &dyn PhysMem, pa: u64, len: u64) -> Result<(), MemError> {
+    const CHUNK: usize = 4096;
+    static ZEROS: [u8; CHUNK] = [0; CHUNK];
+    let mut a = pa;
+    let end = pa.saturating_add(len);
+    while a < end {
+        let n = ((end - a) as usize).min(CHUNK);
+        mem.write(a, &ZEROS[..n])?;
+        a += n as u64;
+    }
+    Ok(())
 }
 
 impl twinmmu_vmsa::Memory for SparseMem {

@@ -14,30 +14,13 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use twinmmu_hw::mem::WalkMem;
+use twinmmu_hw::mem::OwnedWalkMem;
 use twinmmu_hw::{FrameAllocator, PhysMem, Tlbi, TlbiOp, cmd::TlbiRange};
 use twinmmu_vmsa::{
     BuildError, ConfigError, Fault, Features, Geometry, Granule, Memory, MemoryMut, S2LeafAttrs,
     S2Translation, Stage2Config, Stage2Params, TableBuilder, TableFormat, s2_start_level,
     walk_stage2,
 };
-
-/// Host memory as the vmsa builder and walker see it: `hw`'s [`WalkMem`] adapter, owning
-/// its memory so the builder can keep it.
-#[derive(Clone)]
-pub(crate) struct HostMem(pub(crate) Arc<dyn PhysMem>);
-
-impl Memory for HostMem {
-    fn read_u64(&self, pa: u64) -> Result<u64, twinmmu_vmsa::MemError> {
-        WalkMem(&*self.0).read_u64(pa)
-    }
-}
-
-impl MemoryMut for HostMem {
-    fn write_u64(&self, pa: u64, value: u64) -> Result<(), twinmmu_vmsa::MemError> {
-        WalkMem(&*self.0).write_u64(pa, value)
-    }
-}
 
 /// A stage-2 or guest-RAM operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,7 +139,7 @@ impl RangeSet {
 
 /// One VM's guest RAM and stage-2 tables.
 pub(crate) struct Stage2 {
-    builder: TableBuilder<HostMem, FrameAllocator>,
+    builder: TableBuilder<OwnedWalkMem, FrameAllocator>,
     params: Stage2Params,
     config: Stage2Config,
     slots: BTreeMap<u64, Slot>,
@@ -235,7 +218,7 @@ impl Stage2 {
             .find(|&s| s2_start_level(granule, s, features) == Some(level))
             .ok_or(ConfigError::S2InvalidSl0 { sl0: 0, granule })?;
         let fmt = TableFormat::stage2(granule, ipa_bits, level, features.oas).ok_or_else(bad)?;
-        let builder = TableBuilder::new(fmt, HostMem(mem), frames).map_err(|e| match e {
+        let builder = TableBuilder::new(fmt, OwnedWalkMem(mem), frames).map_err(|e| match e {
             BuildError::OutOfMemory { .. } => Stage2Error::OutOfMemory,
             e => Stage2Error::Build(e),
         })?;
