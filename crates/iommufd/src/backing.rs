@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use twinmmu_hw::{PhysMem, SparseMem};
+
 use crate::{Errno, PAGE_SIZE};
 
 /// A run of physically contiguous pinned pages.
@@ -55,8 +57,8 @@ pub trait Backing: Send + Sync {
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), Errno>;
 }
 
-/// Byte access to host physical memory. The `hw` crate's memory implements this in a few
-/// lines for the arm-smmu-v3 driver; [`SparseMemory`] implements it for tests.
+/// Byte access to host physical memory: [`HwMemory`] over any `hw` memory, or `hw`'s
+/// `SparseMem` itself.
 pub trait PhysMemory: Send + Sync {
     /// Read `buf.len()` bytes at `pa`; EFAULT outside valid memory.
     fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), Errno>;
@@ -73,69 +75,27 @@ impl<T: PhysMemory + ?Sized> PhysMemory for Arc<T> {
     }
 }
 
-/// A sparse, deterministic physical memory of `size` bytes from address 0; unwritten bytes
-/// read as zero. For tests and the mock driver.
-pub struct SparseMemory {
-    size: u64,
-    pages: Mutex<HashMap<u64, Box<[u8]>>>,
-}
+/// Host memory owned by the `hw` crate, as iommufd sees it: an access outside valid memory
+/// is EFAULT.
+#[derive(Clone)]
+pub struct HwMemory(pub Arc<dyn PhysMem>);
 
-impl SparseMemory {
-    pub fn new(size: u64) -> Self {
-        SparseMemory {
-            size,
-            pages: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn check(&self, pa: u64, len: usize) -> Result<(), Errno> {
-        let end = pa.checked_add(len as u64).ok_or(Errno::EFAULT)?;
-        if end > self.size {
-            return Err(Errno::EFAULT);
-        }
-        Ok(())
-    }
-}
-
-impl PhysMemory for SparseMemory {
+impl PhysMemory for HwMemory {
     fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        self.check(pa, buf.len())?;
-        let pages = self.pages.lock();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let addr = pa + done as u64;
-            let page = addr / PAGE_SIZE;
-            let off = (addr % PAGE_SIZE) as usize;
-            let n = (PAGE_SIZE as usize - off).min(buf.len() - done);
-            match pages.get(&page) {
-                Some(p) => buf[done..done + n].copy_from_slice(&p[off..off + n]),
-                None => buf[done..done + n].fill(0),
-            }
-            done += n;
-        }
-        Ok(())
+        self.0.read(pa, buf).map_err(|_| Errno::EFAULT)
     }
-
     fn write_phys(&self, pa: u64, buf: &[u8]) -> Result<(), Errno> {
-        self.check(pa, buf.len())?;
-        let mut pages = self.pages.lock();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let addr = pa + done as u64;
-            let page = addr / PAGE_SIZE;
-            let off = (addr % PAGE_SIZE) as usize;
-            let n = (PAGE_SIZE as usize - off).min(buf.len() - done);
-            let p = pages
-                .entry(page)
-                .or_insert_with(|| vec![0u8; PAGE_SIZE as usize].into_boxed_slice());
-            p[off..off + n].copy_from_slice(&buf[done..done + n]);
-            done += n;
-        }
-        Ok(())
+        self.0.write(pa, buf).map_err(|_| Errno::EFAULT)
+    }
+}
+
+/// `hw`'s sparse memory directly (the mock driver and tests).
+impl PhysMemory for SparseMem {
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.read(pa, buf).map_err(|_| Errno::EFAULT)
+    }
+    fn write_phys(&self, pa: u64, buf: &[u8]) -> Result<(), Errno> {
+        self.write(pa, buf).map_err(|_| Errno::EFAULT)
     }
 }
 
@@ -279,7 +239,7 @@ mod tests {
 
     #[test]
     fn sparse_memory_reads_zero_and_bounds() {
-        let m = SparseMemory::new(3 * PAGE_SIZE);
+        let m = SparseMem::with_range(0, 3 * PAGE_SIZE).unwrap();
         let mut b = [9u8; 8];
         m.read_phys(100, &mut b).unwrap();
         assert_eq!(b, [0; 8]);
@@ -292,7 +252,7 @@ mod tests {
 
     #[test]
     fn phys_backing_pins_and_holes() {
-        let b = PhysBacking::new(SparseMemory::new(1 << 20), 0x1000, 0x8000);
+        let b = PhysBacking::new(SparseMem::with_range(0, 1 << 20).unwrap(), 0x1000, 0x8000);
         assert_eq!(
             b.pin(0x2000, 2, true).unwrap(),
             vec![PhysRun {
@@ -308,7 +268,7 @@ mod tests {
         assert_eq!(b.pin(0x8000, 2, false), Err(Errno::EFAULT));
         b.punch_hole(0x4000, 0x1000);
         assert_eq!(b.pin(0x3000, 2, false), Err(Errno::EFAULT));
-        let ro = PhysBacking::read_only(SparseMemory::new(1 << 20), 0, 0x4000);
+        let ro = PhysBacking::read_only(SparseMem::with_range(0, 1 << 20).unwrap(), 0, 0x4000);
         assert_eq!(ro.pin(0, 1, true), Err(Errno::EFAULT));
         assert!(ro.pin(0, 1, false).is_ok());
     }

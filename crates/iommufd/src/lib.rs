@@ -56,7 +56,7 @@ mod pages;
 mod table;
 mod types;
 
-pub use backing::{Backing, BackingKind, PhysBacking, PhysMemory, PhysRun, SparseMemory};
+pub use backing::{Backing, BackingKind, HwMemory, PhysBacking, PhysMemory, PhysRun};
 pub use ctx::{
     AccessOps, FaultFd, HwInfoReply, Iommufd, IovaRanges, MapSource, MmapRegion, SelftestDomain,
     VeventqFd,

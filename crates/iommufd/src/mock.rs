@@ -10,7 +10,9 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
-use crate::backing::{PhysMemory, SparseMemory};
+use twinmmu_hw::SparseMem;
+
+use crate::backing::PhysMemory;
 use crate::driver::{
     DeviceEvents, Domain, HwInfo, HwQueueInit, IommuDevice, IommuDriver, KvmRef, NestedDomain,
     PageResponse, PagingDomain, Viommu, ViommuAlloc, ViommuCore,
@@ -63,7 +65,7 @@ fn le32(b: &[u8], at: usize) -> u32 {
 /// The mock IOMMU instance. It owns a little memory for the vIOMMU's mmap pages.
 pub struct MockIommu {
     me: Weak<MockIommu>,
-    mem: Arc<SparseMemory>,
+    mem: Arc<SparseMem>,
     next_pa: Mutex<u64>,
     next_group: AtomicU64,
 }
@@ -72,7 +74,10 @@ impl MockIommu {
     pub fn new() -> Arc<MockIommu> {
         Arc::new_cyclic(|me| MockIommu {
             me: me.clone(),
-            mem: Arc::new(SparseMemory::new(1 << 32)),
+            // A constant, page-aligned map below 2^52: `with_range` cannot refuse it.
+            mem: Arc::new(
+                SparseMem::with_range(0, 1 << 32).expect("0..4 GiB is a valid memory map"),
+            ),
             next_pa: Mutex::new(PAGE_SIZE),
             next_group: AtomicU64::new(1),
         })
@@ -114,7 +119,7 @@ impl MockIommu {
     }
 
     /// The memory holding the vIOMMU mmap pages.
-    pub fn memory(&self) -> &Arc<SparseMemory> {
+    pub fn memory(&self) -> &Arc<SparseMem> {
         &self.mem
     }
 

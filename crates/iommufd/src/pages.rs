@@ -220,10 +220,15 @@ impl Pages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backing::{PhysBacking, SparseMemory};
+    use crate::backing::PhysBacking;
+    use twinmmu_hw::SparseMem;
 
-    fn pages(addr: u64, len: u64) -> (Arc<PhysBacking<SparseMemory>>, Pages) {
-        let b = Arc::new(PhysBacking::new(SparseMemory::new(1 << 24), 0, 1 << 24));
+    fn pages(addr: u64, len: u64) -> (Arc<PhysBacking<SparseMem>>, Pages) {
+        let b = Arc::new(PhysBacking::new(
+            SparseMem::with_range(0, 1 << 24).unwrap(),
+            0,
+            1 << 24,
+        ));
         let p = Pages::new(Arc::clone(&b) as Arc<dyn Backing>, addr, len, true).unwrap();
         (b, p)
     }
@@ -281,7 +286,11 @@ mod tests {
 
     #[test]
     fn creation_checks() {
-        let b: Arc<dyn Backing> = Arc::new(PhysBacking::new(SparseMemory::new(4096), 0, 4096));
+        let b: Arc<dyn Backing> = Arc::new(PhysBacking::new(
+            SparseMem::with_range(0, 4096).unwrap(),
+            0,
+            4096,
+        ));
         assert_eq!(
             Pages::new(Arc::clone(&b), u64::MAX, 2, true).err(),
             Some(Errno::EOVERFLOW)

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use twinmmu_hw::SparseMem;
 use twinmmu_iommufd::mock::{self, MockDevice, MockIommu};
 use twinmmu_iommufd::*;
 
@@ -17,7 +18,7 @@ pub const RW: u32 = map_flags::READABLE | map_flags::WRITEABLE;
 pub const FIXED: u32 = map_flags::FIXED_IOVA | RW;
 
 /// A backing whose addresses are file offsets (MAP_FILE of a memfd).
-pub struct FileBacking(pub PhysBacking<Arc<SparseMemory>>);
+pub struct FileBacking(pub PhysBacking<Arc<SparseMem>>);
 
 impl Backing for FileBacking {
     fn kind(&self) -> BackingKind {
@@ -44,14 +45,14 @@ impl Backing for FileBacking {
 pub struct Env {
     pub ictx: Iommufd,
     pub iommu: Arc<MockIommu>,
-    pub mem: Arc<SparseMemory>,
-    pub user: Arc<PhysBacking<Arc<SparseMemory>>>,
+    pub mem: Arc<SparseMem>,
+    pub user: Arc<PhysBacking<Arc<SparseMem>>>,
     pub file: Arc<FileBacking>,
 }
 
 impl Env {
     pub fn new() -> Env {
-        let mem = Arc::new(SparseMemory::new(MEM_SIZE * 2));
+        let mem = Arc::new(SparseMem::with_range(0, MEM_SIZE * 2).unwrap());
         let user = Arc::new(PhysBacking::new(Arc::clone(&mem), 0, MEM_SIZE));
         let file = Arc::new(FileBacking(PhysBacking::new(
             Arc::clone(&mem),
